@@ -1,0 +1,21 @@
+"""mslim: structured pruning for PyTorch, where every algorithm is a plugin.
+
+``mslim.prune`` shrinks a model in one call; ``mslim.prepare`` returns a session to drive
+from your own training loop.
+"""
+
+from mslim.api import AlgorithmInfo, PruneResult, algorithms, plugins, prepare, prune
+from mslim_core import MslimError, PruneReport, PruningSession, __version__
+
+__all__ = [
+    "AlgorithmInfo",
+    "MslimError",
+    "PruneReport",
+    "PruneResult",
+    "PruningSession",
+    "__version__",
+    "algorithms",
+    "plugins",
+    "prepare",
+    "prune",
+]

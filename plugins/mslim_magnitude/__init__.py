@@ -1,0 +1,1 @@
+"""One-shot magnitude pruning (Li et al., 2017), generalised to any importance criterion."""

@@ -1,0 +1,1 @@
+"""Hook implementations of the magnitude plugin (filled in as the plugin is built)."""

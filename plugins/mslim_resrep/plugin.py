@@ -1,0 +1,1 @@
+"""Hook implementations of the resrep plugin (filled in as the plugin is built)."""

@@ -1,0 +1,1 @@
+"""Iterative first-order Taylor pruning (Molchanov et al., 2019)."""

@@ -1,0 +1,23 @@
+"""Shared fixtures: a fresh plugin manager per test that changes plugins, small models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mslim_core import plugins as plugin_module
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_plugins(monkeypatch: pytest.MonkeyPatch):
+    """A plugin manager rebuilt from entry points for this test, forgotten afterwards."""
+    monkeypatch.delenv(plugin_module.STRICT_ENV, raising=False)
+    monkeypatch.delenv(plugin_module.DISABLE_ENV, raising=False)
+    plugin_module.reset_plugin_manager()
+    yield plugin_module.get_plugin_manager()
+    plugin_module.reset_plugin_manager()
