@@ -15,7 +15,8 @@ from tests.toy_pruner import ToyPlugin, ToyPruner
 
 def write_distribution(root: Path, dist: str, version: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
     """A real installed-distribution layout (.dist-info with entry_points.txt) under ``root``."""
-    info = root / f"{dist}-{version}.dist-info"
+    # installers name the folder after the normalised name (dashes become underscores)
+    info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
     lines = ["[mslim.plugins]"] + [f"{name} = {target}" for name, target in entry_points.items()]
