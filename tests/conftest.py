@@ -7,6 +7,9 @@ import torch
 
 from mslim_core import plugins as plugin_module
 
+# small tensors dominate the suite: one thread is faster and steadier on shared 2-core machines
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads() -> None:

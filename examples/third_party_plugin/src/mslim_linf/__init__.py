@@ -1,0 +1,1 @@
+"""mslim-linf: ranks channels by the largest absolute weight of each filter."""
