@@ -57,3 +57,7 @@ class MslimWarning(UserWarning):
 
 class TargetNotReachedWarning(MslimWarning):
     """The achieved FLOPs ratio is above the requested ``flops_target``."""
+
+
+class UnsupportedOpWarning(MslimWarning):
+    """Some layers cannot be pruned because their channels pass through an op that moves channels."""
