@@ -307,7 +307,9 @@ class ChannelGraph:
             self.units.append(unit)
             for m in unit.members:
                 if m.role in OUT_ROLES and m.name not in self._orig_out:
-                    self._orig_out[m.name] = torch.arange(self._member_out_count(m.name), dtype=torch.long)
+                    # a layer with no channel dimension of its own (a shared scalar PReLU) follows the unit
+                    count = self._member_out_count(m.name)
+                    self._orig_out[m.name] = torch.arange(unit.channels if count is None else count, dtype=torch.long)
 
     def _is_out_item(self, dep: Any) -> bool:
         """Does this group item shrink the OUTPUT channels of its target?"""
@@ -322,10 +324,11 @@ class ChannelGraph:
             return self.dg._param_to_name.get(node.module, "<parameter>")
         return self._names.get(node.module, "<unnamed>")
 
-    def _member_out_count(self, name: str) -> int:
+    def _member_out_count(self, name: str) -> int | None:
         for node in self.dg.module2node.values():
             if self._member_name(node) == name:
-                return int(self.dg.get_out_channels(node))
+                count = self.dg.get_out_channels(node)
+                return None if count is None else int(count)
         raise GraphError(f"no layer named {name!r} in the graph")
 
     def _analyse(self, root: nn.Module, group: Any) -> tuple[Unit | None, str, list[str]]:

@@ -638,3 +638,15 @@ def test_zoo_random_removal_matches_zeroed_original(name: str) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnsupportedOpWarning)
         prune_and_compare(model, x, frac=0.3, only_independent=False)
+
+
+def test_shared_scalar_prelu_follows_the_unit() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.PReLU(), nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    original = copy.deepcopy(model)
+    graph = ChannelGraph(model, x)
+    assert [u.name for u in graph.units] == ["0"]
+    graph.remove_channels("0", [1, 3])
+    assert model[0].out_channels == 6 and model[2].num_parameters == 1
+    reference = zero_channels(original, graph, graph.removed_channels())
+    assert check_equivalence(reference, model, x) < 1e-5
