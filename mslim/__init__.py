@@ -4,8 +4,11 @@
 from your own training loop.
 """
 
+from mslim import data, models
 from mslim.api import AlgorithmInfo, PruneResult, algorithms, plugins, prepare, prune
+from mslim.export import export_onnx
 from mslim_core import MslimError, PruneReport, PruningSession, __version__
+from mslim_core.io import load, save
 
 __all__ = [
     "AlgorithmInfo",
@@ -15,7 +18,12 @@ __all__ = [
     "PruningSession",
     "__version__",
     "algorithms",
+    "data",
+    "models",
+    "export_onnx",
+    "load",
     "plugins",
     "prepare",
     "prune",
+    "save",
 ]

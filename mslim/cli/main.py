@@ -12,11 +12,18 @@ from mslim_core import MslimError, __version__
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every verb."""
     from mslim.cli import listing
+    from mslim.cli import demo, finalize, info, train
+    from mslim.cli import export as export_cli
 
     parser = argparse.ArgumentParser(prog="mslim", description="Structured pruning for PyTorch, by plugins.")
     parser.add_argument("--version", action="version", version=f"mslim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     listing.add_parsers(sub)
+    demo.add_parsers(sub)
+    train.add_parsers(sub)
+    finalize.add_parsers(sub)
+    info.add_parsers(sub)
+    export_cli.add_parsers(sub)
     return parser
 
 
