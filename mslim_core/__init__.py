@@ -17,6 +17,7 @@ from mslim_core.errors import (
     UnsafeCheckpointError,
 )
 from mslim_core.hookspecs import hookimpl, hookspec
+from mslim_core.importance import Importance
 from mslim_core.pruner import Pruner
 from mslim_core.report import PruneReport
 from mslim_core.session import PruningSession
@@ -29,6 +30,7 @@ __all__ = [
     "DataError",
     "EquivalenceError",
     "GraphError",
+    "Importance",
     "MslimError",
     "MslimWarning",
     "PluginError",

@@ -77,7 +77,6 @@ def test_resrep_refuses_a_model_without_prunable_layers() -> None:
 
 
 @pytest.mark.filterwarnings("ignore::mslim_core.errors.TargetNotReachedWarning")
-@pytest.mark.xfail(strict=True, reason="magnitude warns 'target not reachable' instead of a specific error")
 def test_one_shot_pruner_refuses_a_model_without_prunable_layers() -> None:
     algo = _algorithm("magnitude")
     with pytest.raises(GraphError, match="no prunable layer"):
@@ -87,7 +86,6 @@ def test_one_shot_pruner_refuses_a_model_without_prunable_layers() -> None:
 # -- row 3: every channel scored zero ------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="magnitude prunes by channel index without saying the scores carry no information")
 def test_all_zero_scores_warn() -> None:
     algo = _algorithm("magnitude")
     model = create("resnet20")
