@@ -9,26 +9,18 @@ pruned as one unit. Nothing trains: everything happens in ``finalize``.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
 from torch import nn
 
 from mslim_core.config import PrunerConfig
-from mslim_core.cost import CostModel, count_cost
-from mslim_core.equivalence import check_equivalence, zero_channels
-from mslim_core.errors import GraphError, TargetNotReachedWarning
-from mslim_core.graph import ChannelGraph
-from mslim_core.importance import get_importance, score_units, zero_score_message, zero_scored_units
+from mslim_core.importance import get_importance
+from mslim_core.oneshot import prune_by_importance
 from mslim_core.pruner import Pruner
-from mslim_core.removal import removals_to_json
 from mslim_core.report import PruneReport
-from mslim_core.selection import Selection, select_channels
-from mslim_core.tracing import run_model
 
-__all__ = ["MagnitudeConfig", "MagnitudePruner", "prune_by_importance"]
+__all__ = ["MagnitudeConfig", "MagnitudePruner"]
 
 
 class MagnitudeConfig(PrunerConfig):
@@ -53,147 +45,6 @@ class MagnitudeConfig(PrunerConfig):
     normalize: Literal["mean", "sum", "max", "none"] = Field(
         "mean", description="How each layer's scores are scaled before global ranking (mean: divide by their mean)."
     )
-
-
-def _json_removed(removed: dict[str, torch.Tensor]) -> dict[str, list[int]]:
-    return {name: [int(i) for i in idx.tolist()] for name, idx in removed.items()}
-
-
-def _max_abs_diff(reference: nn.Module, pruned: nn.Module, inputs: Any) -> float:
-    """Largest absolute difference between the two models' outputs (every output tensor)."""
-
-    def flat(out: Any) -> list[torch.Tensor]:
-        if isinstance(out, torch.Tensor):
-            return [out]
-        if isinstance(out, (list, tuple)):
-            return [t for o in out for t in flat(o)]
-        if isinstance(out, dict):
-            return [t for k in sorted(out, key=str) for t in flat(out[k])]
-        return []
-
-    ref = flat(run_model(reference, inputs))
-    got = flat(run_model(pruned, inputs))
-    return max((float((a.float() - b.float()).abs().max()) for a, b in zip(ref, got) if a.numel()), default=0.0)
-
-
-def prune_by_importance(
-    pruner: Pruner,
-    importance: Any,
-    *,
-    mode: str = "global",
-    round_to: int = 1,
-    max_ratio_per_layer: float = 1.0,
-    min_channels: int = 1,
-    prune_coupled: bool = True,
-    normalize: str = "mean",
-) -> tuple[nn.Module, PruneReport]:
-    """Score, select to ``pruner.config.flops_target``, remove, self-check and report (one shot).
-
-    The model of ``pruner`` is pruned in place. Used by ``magnitude``; other one-shot
-    pruners with a different criterion can call it as is.
-    """
-    config = pruner.config
-    model = pruner.model
-    inputs = pruner.example_inputs
-    criterion = get_importance(importance)
-    before = count_cost(model, inputs)
-    graph = ChannelGraph(model, inputs, ignored_layers=list(config.ignored_layers))
-    if not graph.units:
-        why = "; ".join(f"'{n}': {r}" for n, r in list(graph.skipped.items())[:8])
-        raise GraphError(
-            f"{pruner.name} found no prunable layer in the model"
-            + (f" ({why})" if why else " (no conv or linear layer whose output channels can shrink)")
-        )
-    report_warnings: list[str] = []
-    units = []
-    for unit in graph.units:
-        if not prune_coupled and not unit.independent:
-            continue
-        if unit.channel_groups > 1 or unit.chunks > 1:
-            report_warnings.append(
-                f"unit {unit.name!r} is not pruned: its channels feed grouped convs or a chunk() and must be "
-                "removed in tied sets, which this algorithm does not do yet"
-            )
-            continue
-        applicable = getattr(criterion, "applicable", None)
-        if applicable is not None and not applicable(unit, model):
-            report_warnings.append(
-                f"unit {unit.name!r} is not pruned: importance {getattr(criterion, 'name', importance)!r} "
-                "cannot score it (for bn_scale: no norm layer with a scale acts on its channels)"
-            )
-            continue
-        units.append(unit)
-    cost = CostModel(model, inputs, graph.units)
-    scores = score_units(criterion, graph, model, units)  # warns when a unit scored zero everywhere
-    zero = zero_scored_units(scores)
-    if zero:
-        report_warnings.append(zero_score_message(getattr(criterion, "name", str(importance)), zero))
-    selection: Selection = select_channels(
-        cost,
-        scores,
-        config.flops_target,
-        mode=mode,  # type: ignore[arg-type]
-        round_to=round_to,
-        max_ratio_per_layer=max_ratio_per_layer,
-        min_channels=min_channels,
-        normalize=normalize,  # type: ignore[arg-type]
-        reference_macs=before.macs,
-    )
-    # the reference: the unpruned model with the chosen channels zeroed (indices are build-time ones here)
-    zeroed = zero_channels(model, graph, selection.removed) if config.check_equivalence else None
-    for name, idxs in selection.removed.items():
-        graph.remove_channels(name, idxs)
-    after = count_cost(model, inputs)
-
-    max_diff = None
-    if zeroed is not None:
-        check_equivalence(zeroed, model, inputs, kept=graph)
-        max_diff = _max_abs_diff(zeroed, model, inputs)
-
-    ratio = after.macs / before.macs if before.macs else 1.0
-    missed = None
-    if not units and ratio > config.flops_target:
-        missed = (
-            f"FLOPs target {config.flops_target} not reachable: no unit could be pruned "
-            "(see the other warnings for why each was left out)"
-        )
-    elif not selection.reached:
-        missed = selection.reason or f"FLOPs target {config.flops_target} not reached"
-    elif ratio > config.flops_target + 0.01:
-        missed = (
-            f"achieved MACs ratio {ratio:.4f} is above flops_target {config.flops_target} "
-            f"(the cost model predicted {selection.flops_ratio:.4f})"
-        )
-    if missed is not None:
-        report_warnings.append(missed)
-        warnings.warn(missed, TargetNotReachedWarning, stacklevel=3)
-    by_name = {u.name: u for u in units}
-    report = PruneReport(
-        algorithm=pruner.name,
-        config=config.model_dump(mode="json"),
-        flops_target=config.flops_target,
-        macs_before=before.macs,
-        macs_after=after.macs,
-        params_before=before.params,
-        params_after=after.params,
-        layer_widths={
-            name: (selection.widths_before[name], by_name[name].channels) for name in selection.widths_before if name in by_name
-        },
-        max_output_diff=max_diff,
-        warnings=report_warnings,
-        extra={
-            "importance": getattr(criterion, "name", str(importance)),
-            "mode": mode,
-            "predicted_macs": selection.macs_after,
-            "uniform_ratio": selection.ratio,
-            "target_reached": selection.reached,
-            "removed_channels": _json_removed(graph.removed_channels()),
-            "removals": removals_to_json(graph.history),
-            "units_pruned": len(selection.removed),
-            "units_considered": len(units),
-        },
-    )
-    return model, report
 
 
 class MagnitudePruner(Pruner):
