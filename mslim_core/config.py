@@ -62,9 +62,11 @@ def format_validation_error(algo: str, config_cls: type[BaseModel], error: Valid
     allowed = sorted(config_cls.model_fields)
     lines: list[str] = []
     for item in error.errors():
-        field = ".".join(str(p) for p in item.get("loc", ())) or "<config>"
+        field = ".".join(str(p) for p in item.get("loc", ()))
         value = item.get("input")
-        if item.get("type") == "extra_forbidden":
+        if not field:  # a check across several options
+            lines.append(f"the options of algorithm {algo!r} do not fit together: {item.get('msg')}")
+        elif item.get("type") == "extra_forbidden":
             close = difflib.get_close_matches(field, allowed, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             lines.append(
@@ -72,7 +74,7 @@ def format_validation_error(algo: str, config_cls: type[BaseModel], error: Valid
                 f"Allowed options: {', '.join(allowed)}."
             )
         else:
-            top = str(item.get("loc", ("",))[0])
+            top = str((item.get("loc") or ("",))[0])
             allowed_text = _describe_field(config_cls, top)
             lines.append(
                 f"option {field!r} = {value!r} is invalid for algorithm {algo!r}: {item.get('msg')}"

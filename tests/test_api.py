@@ -142,3 +142,22 @@ def test_state_of_another_algorithm_is_refused(toy):
 def test_training_algorithm_needs_a_loader(toy):
     with pytest.raises(ConfigError, match=r"algorithm 'toy' prunes while training: pass train_loader= and epochs="):
         mslim.prune(tiny_cnn(), algo="toy", example_inputs=X)
+
+
+def test_cross_option_check_message():
+    from pydantic import model_validator
+
+    from mslim_core.config import PrunerConfig, build_config
+
+    class Pair(PrunerConfig):
+        low: int = 1
+        high: int = 2
+
+        @model_validator(mode="after")
+        def ordered(self):
+            if self.low > self.high:
+                raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+            return self
+
+    with pytest.raises(ConfigError, match=r"the options of algorithm 'pair' do not fit together: .*low \(5\) must not exceed high \(2\)"):
+        build_config("pair", Pair, {"low": 5})
