@@ -20,7 +20,7 @@ from mslim_core.importance import get_importance, score_units, zero_score_messag
 from mslim_core.pruner import Pruner
 from mslim_core.removal import removals_to_json
 from mslim_core.report import PruneReport
-from mslim_core.selection import Selection, select_channels
+from mslim_core.selection import Selection, SelectionConfig, select_channels
 from mslim_core.tracing import run_model
 
 
@@ -48,20 +48,17 @@ def _max_abs_diff(reference: nn.Module, pruned: nn.Module, inputs: Any) -> float
 def prune_by_importance(
     pruner: Pruner,
     importance: Any,
-    *,
-    mode: str = "global",
-    round_to: int = 1,
-    max_ratio_per_layer: float = 1.0,
-    min_channels: int = 1,
-    prune_coupled: bool = True,
-    normalize: str = "mean",
 ) -> tuple[nn.Module, PruneReport]:
     """Score, select to ``pruner.config.flops_target``, remove, self-check and report (one shot).
+
+    Ranking and limits come from ``pruner.config``, a ``SelectionConfig``.
 
     The model of ``pruner`` is pruned in place. Used by ``magnitude`` and ``slimming``;
     other one-shot pruners with a different criterion can call it as is.
     """
     config = pruner.config
+    if not isinstance(config, SelectionConfig):
+        raise TypeError(f"prune_by_importance needs a SelectionConfig, {pruner.name!r} has {type(config).__name__}")
     model = pruner.model
     inputs = pruner.example_inputs
     criterion = get_importance(importance)
@@ -76,7 +73,7 @@ def prune_by_importance(
     report_warnings: list[str] = []
     units = []
     for unit in graph.units:
-        if not prune_coupled and not unit.independent:
+        if not config.prune_coupled and not unit.independent:
             continue
         if unit.channel_groups > 1 or unit.chunks > 1:
             report_warnings.append(
@@ -101,11 +98,7 @@ def prune_by_importance(
         cost,
         scores,
         config.flops_target,
-        mode=mode,  # type: ignore[arg-type]
-        round_to=round_to,
-        max_ratio_per_layer=max_ratio_per_layer,
-        min_channels=min_channels,
-        normalize=normalize,  # type: ignore[arg-type]
+        **config.selection_options(),
         reference_macs=before.macs,
     )
     # the reference: the unpruned model with the chosen channels zeroed (indices are build-time ones here)
@@ -152,7 +145,7 @@ def prune_by_importance(
         warnings=report_warnings,
         extra={
             "importance": getattr(criterion, "name", str(importance)),
-            "mode": mode,
+            "mode": config.mode,
             "predicted_macs": selection.macs_after,
             "uniform_ratio": selection.ratio,
             "target_reached": selection.reached,

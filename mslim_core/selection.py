@@ -33,15 +33,55 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from pydantic import Field
 
+from mslim_core.config import PrunerConfig
 from mslim_core.errors import ConfigError, GraphError
 
-__all__ = ["Selection", "channel_floors", "normalize_scores", "select_channels", "uniform_widths"]
+__all__ = [
+    "Selection",
+    "SelectionConfig",
+    "channel_floors",
+    "normalize_scores",
+    "select_channels",
+    "uniform_widths",
+]
 
 Mode = Literal["global", "uniform"]
 Normalization = Literal["mean", "sum", "max", "none"]
 _MODES = ("global", "uniform")
 _NORMALIZATIONS = ("mean", "sum", "max", "none")
+
+
+class SelectionConfig(PrunerConfig):
+    """Options every pruner that ranks channels shares: how channels are ranked and per-layer limits."""
+
+    mode: Literal["global", "uniform"] = Field(
+        "global",
+        description="global: rank all channels of all layers together (scores normalised per layer); "
+        "uniform: every layer loses the same fraction of its original channels.",
+    )
+    normalize: Literal["mean", "sum", "max", "none"] = Field(
+        "mean", description="How each layer's scores are scaled before global ranking (mean: divide by their mean)."
+    )
+    round_to: int = Field(1, ge=1, description="Pruned layers keep a multiple of this many channels (e.g. 8).")
+    max_ratio_per_layer: float = Field(
+        1.0, gt=0.0, le=1.0, description="At most this fraction of a layer's original channels is removed."
+    )
+    min_channels: int = Field(1, ge=1, description="Every pruned layer keeps at least this many channels.")
+    prune_coupled: bool = Field(
+        True, description="Also prune coupled groups (channels tied by residual adds), e.g. ResNet stage widths."
+    )
+
+    def selection_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``select_channels`` these options set."""
+        return {
+            "mode": self.mode,
+            "normalize": self.normalize,
+            "round_to": self.round_to,
+            "max_ratio_per_layer": self.max_ratio_per_layer,
+            "min_channels": self.min_channels,
+        }
 
 
 @dataclass

@@ -9,41 +9,25 @@ pruned as one unit. Nothing trains: everything happens in ``finalize``.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 from torch import nn
 
-from mslim_core.config import PrunerConfig
 from mslim_core.importance import get_importance
 from mslim_core.oneshot import prune_by_importance
 from mslim_core.pruner import Pruner
+from mslim_core.selection import SelectionConfig
 from mslim_core.report import PruneReport
 
 __all__ = ["MagnitudeConfig", "MagnitudePruner"]
 
 
-class MagnitudeConfig(PrunerConfig):
+class MagnitudeConfig(SelectionConfig):
     """Options of ``magnitude``: the criterion, how channels are ranked, and per-layer limits."""
 
     importance: str = Field(
         "l1", description="Name of a registered importance criterion (l1, l2, bn_scale, taylor, fpgm, random, ...)."
-    )
-    mode: Literal["global", "uniform"] = Field(
-        "global",
-        description="global: rank all channels of all layers together (scores normalised per layer); "
-        "uniform: every layer loses the same fraction of its channels.",
-    )
-    round_to: int = Field(1, ge=1, description="Pruned layers keep a multiple of this many channels (e.g. 8).")
-    max_ratio_per_layer: float = Field(
-        1.0, gt=0.0, le=1.0, description="At most this fraction of a layer's original channels is removed."
-    )
-    min_channels: int = Field(1, ge=1, description="Every pruned layer keeps at least this many channels.")
-    prune_coupled: bool = Field(
-        True, description="Also prune coupled groups (channels tied by residual adds), e.g. ResNet stage widths."
-    )
-    normalize: Literal["mean", "sum", "max", "none"] = Field(
-        "mean", description="How each layer's scores are scaled before global ranking (mean: divide by their mean)."
     )
 
 
@@ -62,16 +46,9 @@ class MagnitudePruner(Pruner):
 
     def finalize(self) -> tuple[nn.Module, PruneReport]:
         """Score every unit, choose channels to meet ``flops_target``, remove them, check, report."""
-        config: MagnitudeConfig = self.config  # type: ignore[assignment]
         model, report = prune_by_importance(
             self,
             self.criterion,
-            mode=config.mode,
-            round_to=config.round_to,
-            max_ratio_per_layer=config.max_ratio_per_layer,
-            min_channels=config.min_channels,
-            prune_coupled=config.prune_coupled,
-            normalize=config.normalize,
         )
         self._result = {
             "finalized": True,

@@ -16,11 +16,11 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from mslim_core.config import PrunerConfig
 from mslim_core.errors import CheckpointError
 from mslim_core.graph import ChannelGraph, Unit
 from mslim_core.importance import Importance, get_importance
 from mslim_core.pruner import Pruner
+from mslim_core.selection import SelectionConfig
 from mslim_core.report import PruneReport
 from mslim_core.oneshot import prune_by_importance
 
@@ -29,7 +29,7 @@ __all__ = ["SlimmingConfig", "SlimmingPruner", "penalised_norms"]
 CRITERION = "bn_scale"
 
 
-class SlimmingConfig(PrunerConfig):
+class SlimmingConfig(SelectionConfig):
     """Options of ``slimming``: the L1 strength on BN scales, and how channels are chosen at the end."""
 
     sparsity: float = Field(
@@ -38,25 +38,10 @@ class SlimmingConfig(PrunerConfig):
         description="L1 strength lambda on the norm scales: after each backward, lambda * sign(gamma) is "
         "added to their gradients (1e-4 in the paper for VGG on CIFAR, 1e-5 for ResNet and DenseNet).",
     )
-    mode: Literal["global", "uniform"] = Field(
-        "global",
-        description="global: one ranking of |gamma| over every layer (the paper's global threshold); "
-        "uniform: every layer loses the same fraction of its channels.",
-    )
     normalize: Literal["none", "mean", "sum", "max"] = Field(
         "none",
         description="How each layer's |gamma| are scaled before the global ranking; 'none' compares raw "
         "scales (the paper), 'mean' divides each layer's scales by their mean.",
-    )
-    round_to: int = Field(1, ge=1, description="Pruned layers keep a multiple of this many channels (e.g. 8).")
-    max_ratio_per_layer: float = Field(
-        1.0, gt=0.0, le=1.0, description="At most this fraction of a layer's original channels is removed."
-    )
-    min_channels: int = Field(1, ge=1, description="Every pruned layer keeps at least this many channels.")
-    prune_coupled: bool = Field(
-        True,
-        description="Also penalise and prune coupled groups (channels tied by residual adds), e.g. ResNet "
-        "stage widths.",
     )
     gamma_threshold: float = Field(
         1e-2,
@@ -147,12 +132,6 @@ class SlimmingPruner(Pruner):
         model, report = prune_by_importance(
             self,
             self.criterion,
-            mode=config.mode,
-            round_to=config.round_to,
-            max_ratio_per_layer=config.max_ratio_per_layer,
-            min_channels=config.min_channels,
-            prune_coupled=config.prune_coupled,
-            normalize=config.normalize,
         )
         report.extra.update(
             {

@@ -22,7 +22,6 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from mslim_core.config import PrunerConfig
 from mslim_core.cost import CostModel, count_cost
 from mslim_core.equivalence import check_equivalence, zero_channels
 from mslim_core.errors import CheckpointError, ConfigError, TargetNotReachedWarning
@@ -31,7 +30,7 @@ from mslim_core.importance import TaylorAccumulator, get_importance, score_units
 from mslim_core.pruner import Pruner
 from mslim_core.removal import removals_from_json, removals_to_json
 from mslim_core.report import PruneReport
-from mslim_core.selection import select_channels
+from mslim_core.selection import SelectionConfig, select_channels
 from mslim_core.tracing import run_model
 from mslim_taylor.optimizer_sync import follow_removal
 from mslim_taylor.schedule import RoundSchedule, round_targets
@@ -39,7 +38,7 @@ from mslim_taylor.schedule import RoundSchedule, round_targets
 __all__ = ["TaylorConfig", "TaylorPruner"]
 
 
-class TaylorConfig(PrunerConfig):
+class TaylorConfig(SelectionConfig):
     """Options of ``taylor``: the criterion, the round schedule, how channels are ranked, per-layer limits."""
 
     importance: str = Field(
@@ -66,25 +65,6 @@ class TaylorConfig(PrunerConfig):
     schedule: Literal["geometric", "linear"] = Field(
         "geometric",
         description="Intermediate FLOPs targets: geometric (flops_target ** (k / pruning_steps)) or linear.",
-    )
-    mode: Literal["global", "uniform"] = Field(
-        "global",
-        description="global: rank all channels of all layers together (scores normalised per layer); "
-        "uniform: every layer keeps the same fraction of its original channels.",
-    )
-    normalize: Literal["mean", "sum", "max", "none"] = Field(
-        "mean", description="How each layer's scores are scaled before global ranking (mean: divide by their mean)."
-    )
-    round_to: int = Field(1, ge=1, description="Pruned layers keep a multiple of this many channels (e.g. 8).")
-    max_ratio_per_layer: float = Field(
-        1.0,
-        gt=0.0,
-        le=1.0,
-        description="At most this fraction of a layer's original channels is removed (over all rounds).",
-    )
-    min_channels: int = Field(1, ge=1, description="Every pruned layer keeps at least this many channels.")
-    prune_coupled: bool = Field(
-        True, description="Also prune coupled groups (channels tied by residual adds), e.g. ResNet stage widths."
     )
 
 
@@ -239,11 +219,7 @@ class TaylorPruner(Pruner):
             cost,
             scores,
             target,
-            mode=config.mode,
-            round_to=config.round_to,
-            max_ratio_per_layer=config.max_ratio_per_layer,
-            min_channels=config.min_channels,
-            normalize=config.normalize,
+            **config.selection_options(),
             reference_macs=self.macs_before,
             original_widths=original,
         )
