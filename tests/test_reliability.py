@@ -155,7 +155,6 @@ def test_resrep_target_unreachable_under_num_at_least_warns_at_finalize() -> Non
     assert report.flops_ratio == 1.0 and report.warnings
 
 
-@pytest.mark.xfail(strict=True, reason="ResRep does not yet check at prepare() that num_at_least leaves the target reachable")
 def test_resrep_target_unreachable_under_num_at_least_warns_at_prepare() -> None:
     algo = _algorithm("resrep")
     with pytest.warns(TargetNotReachedWarning, match="num_at_least"):

@@ -9,17 +9,21 @@ the zero rows.
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
+from mslim_core.config import format_validation_error
 from mslim_core.cost import Cost, CostModel, count_cost
-from mslim_core.errors import CheckpointError, GraphError, MslimError, TargetNotReachedWarning
+from mslim_core.errors import CheckpointError, ConfigError, GraphError, MslimError, TargetNotReachedWarning
 from mslim_core.pruner import Pruner
 from mslim_core.report import PruneReport
+from mslim_core.tracing import as_input_tuple
 
 from mslim_resrep.bank import CompactorBank
 from mslim_resrep.compactor import Compactor
@@ -29,7 +33,7 @@ from mslim_resrep.gradients import reset_gradients
 from mslim_resrep.insert import CompactedUnit, insert_compactors, select_units
 from mslim_resrep.schedule import MaskChoice, choose_masked_rows
 
-__all__ = ["COMPACTOR_GROUP", "ResRepPruner", "set_momentum"]
+__all__ = ["COMPACTOR_GROUP", "ResRepPruner", "RoundedCost", "set_momentum"]
 
 STATE_VERSION = 1
 COMPACTOR_GROUP = "compactor"
@@ -54,6 +58,31 @@ def _is_depthwise(module: nn.Module) -> bool:
         and module.groups > 1
         and module.groups == module.in_channels
     )
+
+
+class RoundedCost:
+    """MACs at unit widths rounded up to a multiple of ``round_to`` (capped at the full widths), as finalize keeps them.
+
+    Rounding up keeps the MACs non-increasing in the number of removed rows, so the schedule's
+    binary search stays valid; the masks then reach ``flops_target`` after finalize's rounding.
+    """
+
+    def __init__(self, cost: CostModel, full_widths: torch.Tensor, round_to: int) -> None:
+        self.cost, self.full, self.round_to = cost, full_widths.to(torch.int64), int(round_to)
+
+    def macs(self, widths: torch.Tensor | None = None) -> int | torch.Tensor:
+        """Total MACs at these widths (one row per candidate when ``widths`` is 2-D), after rounding."""
+        if widths is None:
+            return self.cost.macs(None)
+        w = torch.as_tensor(widths, dtype=torch.int64)
+        r = self.round_to
+        return self.cost.macs(torch.minimum(torch.div(w + r - 1, r, rounding_mode="floor") * r, self.full))
+
+
+def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    parent._modules[child] = module
 
 
 def _broadcast_from_rank0(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -87,7 +116,6 @@ class ResRepPruner(Pruner):
         self.cost: CostModel | None = None
         self.original_cost: Cost | None = None
         self.original_macs = 0
-        self.target_macs = 0.0
         self._widths = torch.zeros(0, dtype=torch.int64)
         self._masked_at = torch.zeros(0, dtype=torch.int64)
         self._deadline = torch.zeros(0, dtype=torch.int64)
@@ -119,12 +147,101 @@ class ResRepPruner(Pruner):
         self.original_cost = count_cost(model, self.example_inputs)
         self._widths = self.cost.initial_widths()
         self.original_macs = int(self.cost.macs(self._widths))
-        self.target_macs = self.config.flops_target * self.original_macs
         self.units = insert_compactors(model, units)
         self.bank = CompactorBank([u.compactor for u in self.units])
         self._masked_at = torch.full((self.bank.num_rows,), -1, dtype=torch.int64)
         self._deadline = torch.full((self.bank.num_rows,), -1, dtype=torch.int64)
         self._masked_macs = self.original_macs
+        self._warn_if_unreachable(stacklevel=5)
+
+    @property
+    def target_macs(self) -> float:
+        """MACs the mask schedule aims at: ``flops_target`` times the original MACs."""
+        return self.config.flops_target * self.original_macs
+
+    def schedule_cost(self) -> CostModel | RoundedCost:
+        """The cost model the mask schedule counts with: with ``round_to`` > 1, as ``finalize`` will round."""
+        assert self.cost is not None
+        if self.config.round_to == 1:
+            return self.cost
+        return RoundedCost(self.cost, self._widths, self.config.round_to)
+
+    def smallest_reachable_ratio(self) -> float:
+        """FLOPs ratio with every compacted layer at its floor (``num_at_least``, rounded up to ``round_to``)."""
+        assert self.cost is not None
+        step = self.config.round_to
+        floor = math.ceil(self.config.num_at_least / step) * step
+        widths = self._widths.clamp_max(floor)
+        return int(self.cost.macs(widths)) / self.original_macs if self.original_macs else 1.0
+
+    def _warn_if_unreachable(self, stacklevel: int) -> None:
+        """Warn now (not after hours of training) when the per-layer floor makes ``flops_target`` unreachable."""
+        smallest = self.smallest_reachable_ratio()
+        if smallest <= self.config.flops_target:
+            return
+        floor = f"num_at_least={self.config.num_at_least}"
+        if self.config.round_to > 1:
+            floor += f" rounded up to round_to={self.config.round_to}"
+        warnings.warn(
+            f"flops_target {self.config.flops_target} is not reachable: with every one of the {len(self.units)} "
+            f"compacted layers at {floor} channels the smallest reachable FLOPs ratio is {smallest:.4f} "
+            "(layers without a compactor keep their width); lower num_at_least or raise flops_target",
+            TargetNotReachedWarning,
+            stacklevel=stacklevel,
+        )
+
+    def configure(self, **changes: Any) -> None:
+        """Change options after ``prepare`` (validated together; the schedule is re-resolved, masks kept).
+
+        ``ignored_layers`` and ``include_stem`` decide where the compactors are and cannot change.
+        """
+        self._require_prepared()
+        data = self.config.model_dump()
+        fixed = [k for k in ("ignored_layers", "include_stem") if k in changes and changes[k] != data[k]]
+        if fixed:
+            raise ConfigError(
+                f"option {fixed[0]!r} decides where the compactors go and cannot change after prepare "
+                f"(it is {data[fixed[0]]!r}, got {changes[fixed[0]]!r}); prepare the model again"
+            )
+        old_target = self.config.flops_target
+        try:
+            config = type(self.config).model_validate({**data, **changes})
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(self.name, type(self.config), exc)) from None
+        self.config = config
+        self.schedule = resolve_schedule(config)
+        self._refresh_masks()
+        if config.flops_target != old_target:
+            self._warn_if_unreachable(stacklevel=3)
+
+    def set_example_inputs(self, example_inputs: Any) -> None:
+        """Count FLOPs on other example inputs (e.g. the real image size); compactors, masks and weights stay.
+
+        The cost model and ``original_cost`` are rebuilt on the model with the compactors taken out
+        for the duration of the call.
+        """
+        self._require_prepared()
+        inputs = as_input_tuple(example_inputs)
+        model = self._model
+        wrappers = {u.wrapper_name: model.get_submodule(u.wrapper_name) for u in self.units}
+        for name, wrapper in wrappers.items():
+            _set_child(model, name, wrapper.layer)
+        try:
+            _, units, _ = select_units(model, inputs, self.config.ignored_layers, self.config.include_stem)
+            found = [(u.name, int(u.channels)) for u in units]
+            if found != [(u.name, u.channels) for u in self.units]:
+                raise GraphError(
+                    f"on example inputs of shape {[tuple(t.shape) for t in inputs]} ResRep would put compactors "
+                    f"after {len(found)} other convs than the {len(self.units)} it has; prepare with these inputs"
+                )
+            cost = CostModel(model, inputs, units)
+            original = count_cost(model, inputs)
+        finally:
+            for name, wrapper in wrappers.items():
+                _set_child(model, name, wrapper)
+        self.cost, self.original_cost, self.example_inputs = cost, original, inputs
+        self.original_macs = int(cost.macs(self._widths))
+        self._refresh_masks()
 
     def _require_prepared(self) -> CompactorBank:
         if self.bank is None:
@@ -230,7 +347,7 @@ class ResRepPruner(Pruner):
             norms=bank.row_norms(),
             layer_of_row=bank.layer_of_row,
             widths=self._widths,
-            cost=self.cost,
+            cost=self.schedule_cost(),
             target_macs=self.target_macs,
             num_at_least=self.config.num_at_least,
             current=int(masked_before.sum()),
@@ -258,7 +375,7 @@ class ResRepPruner(Pruner):
         self._deadline = torch.where(masked, deadline, torch.full_like(deadline, -1))
         bank.set_row_mask(~masked)
         per_layer = torch.bincount(bank.layer_of_row[masked], minlength=len(self.units))
-        self._masked_macs = int(self.cost.macs(self._widths - per_layer))
+        self._masked_macs = int(self.schedule_cost().macs(self._widths - per_layer))
 
     # -- queries -----------------------------------------------------------------------------
 

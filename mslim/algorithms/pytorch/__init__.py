@@ -1,0 +1,1 @@
+"""PyTorch algorithms under the seed toolkit's names (see ``mslim.algorithms.pytorch.prune``)."""
