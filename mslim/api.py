@@ -103,12 +103,18 @@ def prune(
     train_loader: Any = None,
     val_loader: Any = None,
     epochs: int | None = None,
+    train_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> PruneResult:
     """Prune ``model`` in one call and return ``(smaller_model, report)``.
 
-    Algorithms that prune while training need ``train_loader`` and ``epochs``.
+    Algorithms that prune while training need ``train_loader`` and ``epochs``; ``train_options``
+    go to ``mslim.training.fit`` (e.g. ``{"lr": 0.05, "out_dir": "run"}``).
     """
+    if train_loader is not None and epochs is not None:
+        from mslim.training import planned_options
+
+        options = planned_options(algo, recipe, options, train_loader, epochs)
     session = prepare(model, algo=algo, example_inputs=example_inputs, recipe=recipe, **options)
     if session.trains:
         if train_loader is None or epochs is None:
@@ -118,6 +124,6 @@ def prune(
             )
         from mslim.training import fit
 
-        fit(session, train_loader, val_loader=val_loader, epochs=epochs)
+        fit(session, train_loader, val_loader=val_loader, epochs=epochs, **(train_options or {}))
     small, report = session.finalize()
     return PruneResult(small, report)

@@ -1,0 +1,142 @@
+"""Latency benchmark: CPU inference time of base and pruned models, measured speed-up beside the ideal.
+
+The ideal speed-up is the MACs ratio (base MACs / pruned MACs). Both models are timed in their deploy
+form (BatchNorm folded into the convs), at batch 1 and 64 with 2 threads by default, interleaved over
+several rounds (median over rounds of the best time of each round) so that load changes on the
+machine hit both alike and other jobs' interference is filtered out.
+
+    PYTHONPATH=.:plugins python bench/latency.py                           # magnitude on ResNet-56/20, CIFAR shape
+    PYTHONPATH=.:plugins python bench/latency.py --models bench/results/models-digits  # saved by bench/accuracy.py
+
+With ``--models DIR`` every ``*.mslim`` file there is timed against ``base.mslim`` of the same folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
+
+import mslim  # noqa: E402
+from mslim.latency import deploy_form, measure_latency  # noqa: E402
+from mslim.models import create  # noqa: E402
+from mslim.pipeline import hardware  # noqa: E402
+from mslim_core.cost import count_cost  # noqa: E402
+from mslim_core.io import read_manifest  # noqa: E402
+
+
+def timed_pair(base: nn.Module, pruned: nn.Module, shape: tuple[int, ...], batches: list[int], threads: int,
+               rounds: int, seconds: float, channels_last: bool = False) -> dict[int, tuple[float, float]]:
+    """Median over ``rounds`` of each model's best latency (ms) per batch size, measured alternately.
+
+    The best of many runs is the estimate least disturbed by other jobs on a shared machine.
+    """
+    example = torch.randn(1, *shape)
+    a, b = deploy_form(base, example), deploy_form(pruned, example)
+    times: dict[int, tuple[list[float], list[float]]] = {n: ([], []) for n in batches}
+    for _ in range(rounds):
+        for model, slot in ((a, 0), (b, 1)):
+            for n, lat in measure_latency(model, shape, batches, threads=threads, min_seconds=seconds,
+                                          channels_last=channels_last).items():
+                times[n][slot].append(lat.min_ms)
+    return {n: (statistics.median(x), statistics.median(y)) for n, (x, y) in times.items()}
+
+
+def _zoo_original(path: Path) -> tuple[nn.Module, tuple[int, ...]]:
+    manifest = read_manifest(path)
+    zoo = ((manifest.get("report") or {}).get("extra") or {}).get("zoo_model")
+    if not zoo:
+        raise SystemExit(f"{path} does not record its zoo model (report.extra.zoo_model)")
+    model = create(zoo["model"], num_classes=zoo["num_classes"], in_channels=zoo["in_channels"])
+    return model, tuple(zoo["input_shape"])
+
+
+def pairs_from_folder(folder: Path) -> list[tuple[str, nn.Module, nn.Module, tuple[int, ...]]]:
+    """(label, base, pruned, input shape) for every pruned model saved beside ``base.mslim``."""
+    base_file = folder / "base.mslim"
+    if not base_file.exists():
+        raise SystemExit(f"{folder} has no base.mslim (run bench/accuracy.py --save-models {folder})")
+    original, shape = _zoo_original(base_file)
+    base = mslim.load(base_file, model=original)
+    out = []
+    for path in sorted(folder.glob("*.mslim")):
+        if path.name == "base.mslim":
+            continue
+        out.append((f"{path.stem} ({folder.name})", base, mslim.load(path, model=original), shape))
+    return out
+
+
+def pairs_one_shot(models: list[str], shape: tuple[int, ...], target: float,
+                   round_to: list[int]) -> list[tuple[str, nn.Module, nn.Module, tuple[int, ...]]]:
+    """Zoo models pruned by magnitude (no training needed: latency depends on the shapes only)."""
+    out = []
+    for name in models:
+        torch.manual_seed(0)
+        base = create(name, in_channels=shape[0]).eval()
+        for multiple in round_to:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                small, _ = mslim.prune(create(name, in_channels=shape[0]).eval(), algo="magnitude",
+                                       example_inputs=torch.randn(2, *shape), flops_target=target, round_to=multiple)
+            label = f"magnitude {name}" + (f", round_to {multiple}" if multiple > 1 else "")
+            out.append((label, base, small, shape))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time every pair and print a markdown table."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", action="append", default=[], help="folder of saved models (repeatable)")
+    p.add_argument("--zoo", default="resnet56,resnet20", help="zoo models to prune one-shot ('' for none)")
+    p.add_argument("--input", default="3x32x32", help="input shape C x H x W for --zoo models")
+    p.add_argument("--flops-target", type=float, default=0.471)
+    p.add_argument("--round-to", type=int, nargs="+", default=[1, 8], help="channel multiples for --zoo pruning")
+    p.add_argument("--memory-format", choices=("contiguous", "channels_last", "both"), default="both")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=0.5, help="minimum timed seconds per measurement")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "latency.json"))
+    args = p.parse_args(argv)
+    shape = tuple(int(v) for v in args.input.lower().split("x"))
+    pairs = pairs_one_shot([m for m in args.zoo.split(",") if m], shape, args.flops_target, args.round_to)
+    formats = ["contiguous", "channels_last"] if args.memory_format == "both" else [args.memory_format]
+    for folder in args.models:
+        pairs += pairs_from_folder(Path(folder))
+    rows: list[dict[str, Any]] = []
+    lines = ["| model | input | memory format | batch | base (ms) | pruned (ms) | speed-up | ideal (MACs) | of ideal |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for label, base, small, in_shape in pairs:
+        x = torch.randn(1, *in_shape)
+        ideal = count_cost(base, x).macs / count_cost(small, x).macs
+        for fmt in formats:
+            timed = timed_pair(base, small, in_shape, args.batches, args.threads, args.rounds, args.seconds,
+                               channels_last=fmt == "channels_last")
+            for batch, (t_base, t_small) in timed.items():
+                speed = t_base / t_small
+                rows.append({"model": label, "input": list(in_shape), "memory_format": fmt, "batch": batch,
+                             "base_ms": t_base, "pruned_ms": t_small, "speedup": speed, "ideal": ideal,
+                             "of_ideal": speed / ideal})
+                lines.append(f"| {label} | {'x'.join(map(str, in_shape))} | {fmt} | {batch} | {t_base:.2f} "
+                             f"| {t_small:.2f} | {speed:.2f}x | {ideal:.2f}x | {100 * speed / ideal:.0f}% |")
+                print(lines[-1], file=sys.stderr, flush=True)
+    print("\n".join(lines))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": " ".join(["python bench/latency.py", *(argv or sys.argv[1:])]),
+                               "hardware": hardware(args.threads), "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
