@@ -185,8 +185,9 @@ def load_checkpoint(
 ) -> TrainingCheckpoint:
     """Read a checkpoint from ``save_checkpoint`` and restore what is passed in (model, optimizer, session, ...).
 
-    Everything is checked before anything changes: a checkpoint of another model or optimizer
-    raises CheckpointError and leaves the objects as they were. Pickled code is refused.
+    The file, its format and the session's algorithm are checked before anything changes; the
+    session is restored first (its state may change the architecture, as taylor's replayed
+    removals do), then the model and optimizer are checked and loaded. Pickled code is refused.
     """
     path = Path(path)
     if _is_model_file(path):
@@ -203,12 +204,8 @@ def load_checkpoint(
             f"checkpoint '{path}' has format version {version!r} (written by mslim {state.get('mslim_version', '?')}); "
             f"this mslim reads versions up to {CHECKPOINT_VERSION}: upgrade mslim to resume from it"
         )
-    if model is not None:
-        if not isinstance(state.get("model"), dict):
-            raise CheckpointError(f"checkpoint '{path}' holds no model state")
-        _check_model(path, model, state["model"], str(state.get("model_class", "?")))
-    if optimizer is not None:
-        _check_optimizer(path, optimizer, state.get("optimizer"))
+    if model is not None and not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"checkpoint '{path}' holds no model state")
     for name, obj in (("scheduler", scheduler), ("scaler", scaler), ("session", session)):
         if obj is not None and state.get(name) is None:
             raise CheckpointError(f"checkpoint '{path}' holds no {name} state; pass {name}=None to skip it")
@@ -219,6 +216,13 @@ def load_checkpoint(
                 f"checkpoint '{path}' holds a session of algorithm {saved.get('algorithm') if isinstance(saved, dict) else None!r}, "
                 f"the given session runs {session.algorithm!r}"
             )
+        # restored before the weights are checked: a session's state may change the architecture
+        # (taylor replays its channel removals on the fresh model), and the weights fit only then
+        session.load_state_dict(saved)
+    if model is not None:
+        _check_model(path, model, state["model"], str(state.get("model_class", "?")))
+    if optimizer is not None:
+        _check_optimizer(path, optimizer, state.get("optimizer"))
     # everything checked: apply
     if model is not None:
         unwrap_parallel(model).load_state_dict(state["model"], strict=True)
@@ -228,8 +232,6 @@ def load_checkpoint(
         scheduler.load_state_dict(state["scheduler"])
     if scaler is not None:
         scaler.load_state_dict(state["scaler"])
-    if session is not None:
-        session.load_state_dict(state["session"])
     if restore_rng and isinstance(state.get("rng"), dict):
         set_rng_states(state["rng"])
     return TrainingCheckpoint(

@@ -293,3 +293,37 @@ def test_mslim_prune_with_a_loader_plans_the_rounds() -> None:
     assert [r["iteration"] for r in report.extra["rounds"]] == [2, 4]
     assert report.extra["rounds_at_finalize"] == 0 and report.flops_ratio <= 0.61
     assert small(images[:2]).shape == (2, 4)
+
+
+def test_trainer_resume_after_a_physical_round(tmp_path):
+    """A checkpoint written after taylor removed channels resumes on a freshly built model."""
+    from mslim.training import fit
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(32, 3, 16, 16), torch.randint(0, 10, (32,))
+
+    def run(out, resume=False, stop_after=None):
+        torch.manual_seed(1)
+        model = mslim.models.create("resnet20")
+        session = mslim.prepare(model, algo="taylor", example_inputs=images[:1], flops_target=0.6,
+                                pruning_steps=2, interval=4, total_iters=12)
+        loader = TensorLoader(images, labels, batch_size=8, seed=0)
+
+        def stop(record):
+            if stop_after is not None and record["epoch"] == stop_after:
+                raise KeyboardInterrupt
+
+        try:
+            fit(session, loader, epochs=3, lr=0.01, out_dir=out, resume=resume, progress=False, callbacks=[stop])
+        except KeyboardInterrupt:
+            return None
+        return session
+
+    full = run(tmp_path / "full")
+    assert run(tmp_path / "b", stop_after=2) is None  # killed after the first round's removal
+    resumed = run(tmp_path / "b", resume=True)
+    assert resumed.model.layer1[0].conv1.out_channels < 16  # the replayed rounds shrank the model
+    want, got = full.model.state_dict(), resumed.model.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
