@@ -247,12 +247,7 @@ def fit(
     if out is not None and main:
         out.mkdir(parents=True, exist_ok=True)
 
-    train_model: nn.Module = run.model
-    if dist_on:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [dev.index] if dev.type == "cuda" else None
-        train_model = DistributedDataParallel(run.model, device_ids=ids)
+    train_model: nn.Module = _wrap_ddp(run.model, dev) if dist_on else run.model
 
     algorithm = getattr(run, "algorithm", None)
     bar = _progress_bar(progress and main, total_iters, iteration, desc or (algorithm or "train"))
@@ -285,6 +280,8 @@ def fit(
                     _check_finite(run.model, loss_value, iteration, epoch, batch_index, algorithm)
                 optimizer.step()
                 run.step()
+                if dist_on and _params_changed(run.model, train_model):
+                    train_model = _wrap_ddp(run.model, dev)  # the algorithm removed channels (e.g. taylor)
                 iteration += 1
                 n = int(y.numel())
                 seen += n
@@ -426,6 +423,19 @@ def _resolve_device(device: torch.device | str | None, model: nn.Module) -> torc
     for tensor in model.parameters():
         return tensor.device
     return torch.device("cpu")
+
+
+def _wrap_ddp(model: nn.Module, dev: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+
+    wrapper = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    wrapper.mslim_param_ids = tuple(id(p) for p in model.parameters())  # type: ignore[assignment]
+    return wrapper
+
+
+def _params_changed(model: nn.Module, wrapper: nn.Module) -> bool:
+    """Whether the model's parameters are no longer the ones the DDP wrapper was built over."""
+    return getattr(wrapper, "mslim_param_ids", None) != tuple(id(p) for p in model.parameters())
 
 
 def _unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -588,3 +588,16 @@ def test_cli_export_uses_the_zoo_model_the_file_records(tmp_path: Path, capsys: 
     mslim.save(model, tmp_path / "m.mslim", report)
     assert main(["export", str(tmp_path / "m.mslim"), "--onnx", str(tmp_path / "m.onnx")]) == 0
     assert "input shape (1, 3, 32, 32)" in capsys.readouterr().out
+
+
+def test_atomic_writes_get_the_usual_permissions(tmp_path):
+    import os
+
+    from mslim_core.atomic import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text("report", tmp_path / "report.json")
+    finally:
+        os.umask(umask)
+    assert (os.stat(tmp_path / "report.json").st_mode & 0o777) == 0o644

@@ -265,8 +265,21 @@ result = fit(model, train, val, epochs=2, lr=0.05, out_dir=out, progress=False)
 acc, _ = evaluate(model, val)
 flat = torch.cat([p.detach().flatten() for p in model.parameters()])
 rank = distributed.rank()
+pruned = []
+import mslim
+if "taylor" in {{a.name for a in mslim.algorithms()}}:  # channels removed while training: DDP is rebuilt
+    from mslim.training import planned_options
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    train2 = TensorLoader(x, y, 4, seed=2)
+    opts = planned_options("taylor", None, {{"flops_target": 0.6}}, train2, 2)
+    session = mslim.prepare(net, algo="taylor", example_inputs=torch.randn(2, 3, 6, 6), **opts)
+    fit(session, train2, epochs=2, lr=0.05, progress=False)
+    pruned = torch.cat([p.detach().flatten() for p in session.model.parameters()]).tolist()
 with open(os.path.join(out, f"rank{{rank}}.json"), "w") as f:
-    json.dump({{"batches": len(train), "weights": flat.tolist(), "acc": acc, "val": result.val_accuracy}}, f)
+    json.dump({{"batches": len(train), "weights": flat.tolist(), "acc": acc, "val": result.val_accuracy,
+               "pruned": pruned}}, f)
 distributed.destroy()
 """
 
@@ -285,6 +298,7 @@ def test_ddp_under_torchrun_two_processes(tmp_path):
     r1 = json.loads((out / "rank1.json").read_text())
     assert r0["batches"] == r1["batches"] == math.ceil((33 // 2) / 4)  # sharded: 16 samples per rank
     assert r0["weights"] == r1["weights"]  # DDP kept the replicas identical
+    assert r0["pruned"] == r1["pruned"]  # also across taylor's channel removals (when the plugin is there)
     assert r0["acc"] == r1["acc"] == r0["val"]  # evaluation summed over both shards
     lines = _lines(out / "metrics.jsonl")
     assert [r["epoch"] for r in lines if r["kind"] == "epoch"] == [1, 2]  # written once, by rank 0
@@ -365,3 +379,42 @@ def test_fit_warns_when_a_planned_algorithm_was_prepared_for_another_length(toy)
     train, _ = _loaders(augment=False)
     with pytest.warns(MslimWarning, match=rf"prepared without total_iters, but this run has {len(train)} iterations"):
         fit(session, train, epochs=1, progress=False)
+
+
+_TRAINING_ALGOS = [a.name for a in mslim.algorithms() if a.trains and a.name in ("slimming", "taylor")]
+
+
+@pytest.mark.parametrize("algo", _TRAINING_ALGOS)
+def test_other_training_algorithms_resume_exactly_through_fit(algo, tmp_path):
+    """Algorithms that change the architecture while training (taylor) or only the gradients (slimming)."""
+    from mslim.training import planned_options
+
+    train, val = _loaders(n=64)
+    options = planned_options(algo, None, {"flops_target": 0.6}, train, 4)
+
+    def session(seed: int = 0):
+        return mslim.prepare(_convnet(seed), algo=algo, example_inputs=torch.randn(2, 3, 8, 8), **options)
+
+    def stop(record):
+        if record["epoch"] == 2:
+            raise _Stop
+
+    full = session()
+    fit(full, train, val, epochs=4, lr=0.05, out_dir=tmp_path / "full", progress=False)
+    with pytest.raises(_Stop):
+        fit(session(), _loaders(n=64)[0], val, epochs=4, lr=0.05, out_dir=tmp_path / "b", progress=False,
+            callbacks=[stop])
+    resumed = session(seed=5)
+    fit(resumed, _loaders(n=64)[0], val, epochs=4, lr=0.05, out_dir=tmp_path / "b", resume=True, progress=False)
+    want, got = full.model.state_dict(), resumed.model.state_dict()
+    assert list(want) == list(got)
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        small_a, report_a = full.finalize()
+        small_b, report_b = resumed.finalize()
+    assert report_a.macs_after == report_b.macs_after and report_a.flops_ratio <= 0.61
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(small_a.eval()(x), small_b.eval()(x))

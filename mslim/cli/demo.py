@@ -34,7 +34,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="train ResNet-20 on digits, prune it with ResRep (52.9%% fewer FLOPs), compare (a few minutes)",
         description="Train a CIFAR-style ResNet-20 on scikit-learn's handwritten digits, prune it with ResRep "
-        "to keep 47.1%% of its FLOPs, finalize, and print accuracy, MACs, parameters and CPU latency before "
+        "to keep 47.1% of its FLOPs, finalize, and print accuracy, MACs, parameters and CPU latency before "
         "and after. Writes the pruned model, report.json and layer_widths.png under --out.",
     )
     p.add_argument("--out", default=None, help="output folder (default: a new mslim-demo-YYYYmmdd-HHMMSS folder here)")
