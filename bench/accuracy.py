@@ -1,4 +1,4 @@
-"""Accuracy benchmark: ResRep against magnitude-then-fine-tune and torch-pruning's GroupNormPruner.
+"""Accuracy benchmark: every algorithm (ResRep, magnitude, slimming, Taylor) and torch-pruning's GroupNormPruner.
 
 Same base model, same FLOPs target (0.471 by default), same training budget after the base model
 (``--epochs``), several seeds (mean and spread). For each method it reports the accuracy right after
@@ -16,8 +16,9 @@ Methods (``--methods``, comma-separated; ``all`` adds every registered algorithm
 - ``magnitude``: one-shot magnitude pruning of the base model, then ``--epochs`` of fine-tuning.
 - ``tp-groupnorm``: torch-pruning's ``GroupNormPruner``: ``--epochs``/2 of sparse training, global
   pruning to the FLOPs target, then the other half of fine-tuning.
-- any other registered algorithm: trained through its session (training algorithms) or pruned one-shot
-  and fine-tuned, with the same budget.
+- ``slimming``, ``taylor`` and any other registered algorithm: trained through its session for
+  ``--epochs`` then finalized (training algorithms; taylor fine-tunes between its rounds), or pruned
+  one-shot and fine-tuned, with the same budget.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from mslim.pipeline import hardware  # noqa: E402
 from mslim.training import PlainSession, evaluate, fit, planned_options  # noqa: E402
 from mslim_core.cost import count_cost  # noqa: E402
 
-DEFAULT_METHODS = ("resrep", "resrep-plain", "magnitude", "tp-groupnorm")
+DEFAULT_METHODS = ("resrep", "resrep-plain", "magnitude", "tp-groupnorm", "slimming", "taylor")
 
 
 class GroupNormSparseSession(PlainSession):
