@@ -76,22 +76,7 @@ def run_method(method: str, base: nn.Module, example: torch.Tensor, train: Any, 
     model = copy.deepcopy(base)
     started = time.perf_counter()
     row: dict[str, Any] = {"method": method}
-    if method in ("resrep", "resrep-plain"):
-        options = {"flops_target": args.flops_target}
-        if method == "resrep-plain":
-            options["zeroing"] = "none"
-        options.update(args.resrep_option)
-        options = planned_options("resrep", None, options, train, args.epochs)
-        session = mslim.prepare(model, algo="resrep", example_inputs=example, **options)
-        fit(session, train, val, epochs=args.epochs, lr=args.lr, **fit_kw)
-        wrapped, _ = evaluate(session.model, val)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            small, _report = session.finalize()
-        row["acc_no_ft"], _ = evaluate(small, val)
-        row["finalize_delta"] = row["acc_no_ft"] - wrapped
-        row["acc_ft"] = None
-    elif method == "tp-groupnorm":
+    if method == "tp-groupnorm":
         import torch_pruning as tp
 
         half = args.epochs // 2
@@ -110,11 +95,16 @@ def run_method(method: str, base: nn.Module, example: torch.Tensor, train: Any, 
             fit(small, train, val, epochs=args.epochs - half, lr=args.lr, **fit_kw)
         row["acc_ft"], _ = evaluate(small, val)
     else:
-        cls = mslim.api.pruner_class(method)
-        options = {"flops_target": args.flops_target}
+        algo = "resrep" if method == "resrep-plain" else method
+        cls = mslim.api.pruner_class(algo)
+        options: dict[str, Any] = {"flops_target": args.flops_target}
+        if algo == "resrep":
+            if method == "resrep-plain":
+                options["zeroing"] = "none"
+            options.update(args.resrep_option)
         if cls.trains:
-            options = planned_options(method, None, options, train, args.epochs)
-            session = mslim.prepare(model, algo=method, example_inputs=example, **options)
+            options = planned_options(algo, None, options, train, args.epochs)
+            session = mslim.prepare(model, algo=algo, example_inputs=example, **options)
             fit(session, train, val, epochs=args.epochs, lr=args.lr, **fit_kw)
             wrapped, _ = evaluate(session.model, val)
             with warnings.catch_warnings():
