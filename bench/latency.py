@@ -5,15 +5,21 @@ form (BatchNorm folded into the convs), at batch 1 and 64 with 2 threads by defa
 several rounds (median over rounds of the best time of each round) so that load changes on the
 machine hit both alike and other jobs' interference is filtered out.
 
-    PYTHONPATH=.:plugins python bench/latency.py                           # magnitude on ResNet-56/20, CIFAR shape
-    PYTHONPATH=.:plugins python bench/latency.py --models bench/results/models-digits  # saved by bench/accuracy.py
+    PYTHONPATH=.:plugins python bench/latency.py                           # zoo models pruned one-shot
+    PYTHONPATH=.:plugins python bench/latency.py --zoo '' --models bench/results/models-digits  # saved models
 
-With ``--models DIR`` every ``*.mslim`` file there is timed against ``base.mslim`` of the same folder.
+``--zoo`` lists ``NAME@CxHxW`` entries (default: ResNet-56 and ResNet-20 at CIFAR shape, ResNet-50 at
+ImageNet shape); each is pruned by ``magnitude`` to ``--flops-target`` once per ``--round-to`` multiple
+and per ``--units`` choice: ``all`` prunes every independent unit including the residual-coupled stage
+widths, ``internal`` only the block-internal units (the unit set ResRep prunes). Latency depends on the
+shapes only, so no training is needed. With ``--models DIR`` every ``*.mslim`` file there is timed
+against ``base.mslim`` of the same folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -36,7 +42,8 @@ from mslim_core.io import read_manifest  # noqa: E402
 
 
 def timed_pair(base: nn.Module, pruned: nn.Module, shape: tuple[int, ...], batches: list[int], threads: int,
-               rounds: int, seconds: float, channels_last: bool = False) -> dict[int, tuple[float, float]]:
+               rounds: int, seconds: float, channels_last: bool = False,
+               min_runs: int = 10) -> dict[int, tuple[float, float]]:
     """Median over ``rounds`` of each model's best latency (ms) per batch size, measured alternately.
 
     The best of many runs is the estimate least disturbed by other jobs on a shared machine.
@@ -47,7 +54,7 @@ def timed_pair(base: nn.Module, pruned: nn.Module, shape: tuple[int, ...], batch
     for _ in range(rounds):
         for model, slot in ((a, 0), (b, 1)):
             for n, lat in measure_latency(model, shape, batches, threads=threads, min_seconds=seconds,
-                                          channels_last=channels_last).items():
+                                          channels_last=channels_last, min_runs=min_runs).items():
                 times[n][slot].append(lat.min_ms)
     return {n: (statistics.median(x), statistics.median(y)) for n, (x, y) in times.items()}
 
@@ -76,20 +83,45 @@ def pairs_from_folder(folder: Path) -> list[tuple[str, nn.Module, nn.Module, tup
     return out
 
 
-def pairs_one_shot(models: list[str], shape: tuple[int, ...], target: float,
-                   round_to: list[int]) -> list[tuple[str, nn.Module, nn.Module, tuple[int, ...]]]:
+def parse_zoo(text: str, default_shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """``"resnet56@3x32x32,resnet50@3x224x224"`` -> [(name, shape)]; an entry without ``@`` takes ``default_shape``."""
+    out = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, _, shape = entry.partition("@")
+        out.append((name, parse_shape(shape) if shape else default_shape))
+    return out
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"3x32x32"`` -> (3, 32, 32)."""
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"input shape {text!r} is not C x H x W (e.g. 3x32x32)") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise SystemExit(f"input shape {text!r} is not C x H x W with positive sizes (e.g. 3x32x32)")
+    return shape
+
+
+def pairs_one_shot(models: list[tuple[str, tuple[int, ...]]], target: float, round_to: list[int],
+                   units: list[str]) -> list[tuple[str, nn.Module, nn.Module, tuple[int, ...]]]:
     """Zoo models pruned by magnitude (no training needed: latency depends on the shapes only)."""
     out = []
-    for name in models:
+    for name, shape in models:
         torch.manual_seed(0)
         base = create(name, in_channels=shape[0]).eval()
-        for multiple in round_to:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                small, _ = mslim.prune(create(name, in_channels=shape[0]).eval(), algo="magnitude",
-                                       example_inputs=torch.randn(2, *shape), flops_target=target, round_to=multiple)
-            label = f"magnitude {name}" + (f", round_to {multiple}" if multiple > 1 else "")
-            out.append((label, base, small, shape))
+        for unit_set in units:
+            for multiple in round_to:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    small, _ = mslim.prune(copy.deepcopy(base), algo="magnitude",
+                                           example_inputs=torch.randn(2, *shape), flops_target=target,
+                                           round_to=multiple, prune_coupled=unit_set == "all")
+                label = f"magnitude {name}" + (", block-internal units" if unit_set == "internal" else "")
+                label += f", round_to {multiple}" if multiple > 1 else ""
+                out.append((label, base, small, shape))
     return out
 
 
@@ -97,19 +129,23 @@ def main(argv: list[str] | None = None) -> int:
     """Time every pair and print a markdown table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", action="append", default=[], help="folder of saved models (repeatable)")
-    p.add_argument("--zoo", default="resnet56,resnet20", help="zoo models to prune one-shot ('' for none)")
-    p.add_argument("--input", default="3x32x32", help="input shape C x H x W for --zoo models")
+    p.add_argument("--zoo", default="resnet56@3x32x32,resnet20@3x32x32,resnet50@3x224x224",
+                   help="NAME@CxHxW entries to prune one-shot, comma-separated ('' for none)")
+    p.add_argument("--input", default="3x32x32", help="input shape for --zoo entries without @CxHxW")
     p.add_argument("--flops-target", type=float, default=0.471)
-    p.add_argument("--round-to", type=int, nargs="+", default=[1, 8], help="channel multiples for --zoo pruning")
+    p.add_argument("--round-to", type=int, nargs="+", default=[1, 8, 16], help="channel multiples for --zoo pruning")
+    p.add_argument("--units", choices=("all", "internal", "both"), default="both",
+                   help="--zoo pruning: every unit, only block-internal units (ResRep's set), or both")
     p.add_argument("--memory-format", choices=("contiguous", "channels_last", "both"), default="both")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=0.5, help="minimum timed seconds per measurement")
+    p.add_argument("--min-runs", type=int, default=10, help="minimum timed runs per measurement")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "latency.json"))
     args = p.parse_args(argv)
-    shape = tuple(int(v) for v in args.input.lower().split("x"))
-    pairs = pairs_one_shot([m for m in args.zoo.split(",") if m], shape, args.flops_target, args.round_to)
+    units = ["all", "internal"] if args.units == "both" else [args.units]
+    pairs = pairs_one_shot(parse_zoo(args.zoo, parse_shape(args.input)), args.flops_target, args.round_to, units)
     formats = ["contiguous", "channels_last"] if args.memory_format == "both" else [args.memory_format]
     for folder in args.models:
         pairs += pairs_from_folder(Path(folder))
@@ -121,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         ideal = count_cost(base, x).macs / count_cost(small, x).macs
         for fmt in formats:
             timed = timed_pair(base, small, in_shape, args.batches, args.threads, args.rounds, args.seconds,
-                               channels_last=fmt == "channels_last")
+                               channels_last=fmt == "channels_last", min_runs=args.min_runs)
             for batch, (t_base, t_small) in timed.items():
                 speed = t_base / t_small
                 rows.append({"model": label, "input": list(in_shape), "memory_format": fmt, "batch": batch,

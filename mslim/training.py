@@ -27,6 +27,7 @@ from mslim_core.atomic import atomic_write_text
 from mslim_core.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from mslim_core.config import merge_recipe
 from mslim_core.errors import CheckpointError, MslimWarning, TrainingError
+from mslim_core.pruner import Pruner
 from mslim_core.safe_load import safe_torch_load
 from mslim_core.session import PruningSession
 from mslim_core.tracing import preserved_modes
@@ -206,9 +207,9 @@ def fit(
     total_iters = epochs * iters_per_epoch
     dev = _resolve_device(device, run.model)
     run.model.to(dev)
-    planner = getattr(getattr(run, "pruner", None), "plan", None)
-    if callable(planner):  # an algorithm that plans its schedule learns the run's length (unset options only)
-        planner(total_iters, iters_per_epoch)
+    pruner = getattr(run, "pruner", None)  # None when training a plain model
+    if isinstance(pruner, Pruner):  # an algorithm that plans its schedule learns the run's length
+        pruner.plan(total_iters, iters_per_epoch)
     _check_planned(run, total_iters)
     optimizer = run.optimizer(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
     for group in optimizer.param_groups:

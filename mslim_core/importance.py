@@ -325,6 +325,7 @@ class TaylorAccumulator:
 
     Call ``accumulate()`` after each ``loss.backward()`` (before the optimizer step or
     ``zero_grad``); the work is one fused multiply-abs-sum per layer, no loop over channels.
+    The sums follow their layer when the model is moved to another device.
     Criteria read the sums with :func:`accumulated_taylor` (keyed by the layer object, so a
     DDP-wrapped or renamed model finds them too). ``reset()`` after removing channels.
     """
@@ -358,6 +359,8 @@ class TaylorAccumulator:
             buf = _TAYLOR.get(module)
             if buf is None or buf.numel() != rows.numel():  # new layer, or its width changed: start over
                 _TAYLOR[module] = rows
+            elif buf.device != rows.device:  # the model moved (e.g. to a GPU): the sums follow it
+                _TAYLOR[module] = buf.to(rows.device) + rows
             else:
                 buf.add_(rows)
         self.steps += 1

@@ -45,6 +45,23 @@ def _max_abs_diff(reference: nn.Module, pruned: nn.Module, inputs: Any) -> float
     return max((float((a.float() - b.float()).abs().max()) for a, b in zip(ref, got) if a.numel()), default=0.0)
 
 
+def target_miss(flops_target: float, ratio: float, reached: bool, reason: str | None,
+                predicted_ratio: float) -> str | None:
+    """Why a pruned model misses its FLOPs target (None when it meets it within 0.01).
+
+    ``reached``/``reason`` come from the selection, ``ratio`` is the measured MACs ratio and
+    ``predicted_ratio`` the cost model's; every ranking pruner reports a miss with these words.
+    """
+    if not reached:
+        return reason or f"FLOPs target {flops_target} not reached"
+    if ratio > flops_target + 0.01:
+        return (
+            f"achieved MACs ratio {ratio:.4f} is above flops_target {flops_target} "
+            f"(the cost model predicted {predicted_ratio:.4f})"
+        )
+    return None
+
+
 def prune_by_importance(
     pruner: Pruner,
     importance: Any,
@@ -119,13 +136,8 @@ def prune_by_importance(
             f"FLOPs target {config.flops_target} not reachable: no unit could be pruned "
             "(see the other warnings for why each was left out)"
         )
-    elif not selection.reached:
-        missed = selection.reason or f"FLOPs target {config.flops_target} not reached"
-    elif ratio > config.flops_target + 0.01:
-        missed = (
-            f"achieved MACs ratio {ratio:.4f} is above flops_target {config.flops_target} "
-            f"(the cost model predicted {selection.flops_ratio:.4f})"
-        )
+    else:
+        missed = target_miss(config.flops_target, ratio, selection.reached, selection.reason, selection.flops_ratio)
     if missed is not None:
         report_warnings.append(missed)
         warnings.warn(missed, TargetNotReachedWarning, stacklevel=3)

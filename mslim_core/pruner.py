@@ -95,6 +95,13 @@ class Pruner:
         ]
         return [g for g in groups if g["params"]]
 
+    def plan(self, total_iters: int, iters_per_epoch: int | None = None) -> None:
+        """Learn the training run's length before the first step; the default ignores it.
+
+        A trainer that knows its length calls this; algorithms whose schedule depends on it (ResRep's
+        proximal zeroing) fill in the options the user left unset and never override explicit ones.
+        """
+
     def after_backward(self) -> None:
         """Shape gradients after ``loss.backward()`` and before ``optimizer.step()``."""
 

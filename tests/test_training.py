@@ -91,6 +91,22 @@ def test_fit_drives_the_session_and_logs(toy, tmp_path):
     assert load_training_checkpoint(tmp_path / "last.pt")["epoch"] == 2
 
 
+def test_fit_tells_the_pruner_the_run_length_before_the_first_step(toy):
+    train, val = _loaders(n=48, batch=8)
+    session = _session()
+    assert session.pruner.planned is None
+    fit(session, train, val, epochs=2, lr=0.01, progress=False)
+    assert session.pruner.planned == (2 * 6, 6)  # 48 images / batch 8 = 6 iterations per epoch
+
+
+def test_the_base_pruner_ignores_plan(toy):
+    from mslim_core import Pruner
+
+    session = _session()
+    Pruner.plan(session.pruner, 100, 10)  # the default: a no-op for algorithms without a schedule
+    assert session.pruner.planned is None
+
+
 def test_cosine_factor_values():
     assert cosine_factor(0, 10) == 1.0
     assert cosine_factor(5, 10) == pytest.approx(0.5)

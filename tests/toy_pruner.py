@@ -30,6 +30,10 @@ class ToyPruner(Pruner):
     def __init__(self, model: nn.Module, example_inputs: Any, config: ToyConfig) -> None:
         super().__init__(model, example_inputs, config)
         self.steps_seen = 0
+        self.planned: tuple[int, int | None] | None = None
+
+    def plan(self, total_iters: int, iters_per_epoch: int | None = None) -> None:
+        self.planned = (total_iters, iters_per_epoch)
 
     def after_backward(self) -> None:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]

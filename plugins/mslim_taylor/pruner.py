@@ -27,6 +27,7 @@ from mslim_core.equivalence import check_equivalence, zero_channels
 from mslim_core.errors import CheckpointError, ConfigError, TargetNotReachedWarning
 from mslim_core.graph import ChannelGraph, Unit
 from mslim_core.importance import TaylorAccumulator, get_importance, score_units
+from mslim_core.oneshot import target_miss
 from mslim_core.pruner import Pruner
 from mslim_core.removal import removals_from_json, removals_to_json
 from mslim_core.report import PruneReport
@@ -107,7 +108,6 @@ class TaylorPruner(Pruner):
         self.accumulator: TaylorAccumulator | None = None
         self._optimizers: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._stale = False  # the accumulated scores are left over from before the last round
-        self._sums_device: torch.device | None = None
         self._unit_names: list[str] = []
         self._skipped: list[str] = []
         self._finalized = False
@@ -135,7 +135,6 @@ class TaylorPruner(Pruner):
         self.macs_now = cost.macs
         if self.criterion.needs_gradients and self._unit_names:
             self.accumulator = TaylorAccumulator(self.model, self.units())
-            self._sums_device = next(iter(self.accumulator.layers.values())).weight.device
 
     def _not_prunable(self, unit: Unit) -> str:
         config: TaylorConfig = self.config  # type: ignore[assignment]
@@ -172,17 +171,7 @@ class TaylorPruner(Pruner):
         if self._stale:
             self.accumulator.reset()
             self._stale = False
-        self._follow_device()
         self.accumulator.accumulate()
-
-    def _follow_device(self) -> None:
-        """Move the accumulated sums to the layers' device when the model moved (e.g. to a GPU)."""
-        if self.accumulator is None:
-            return
-        device = next(iter(self.accumulator.layers.values())).weight.device
-        if device != self._sums_device:
-            self.accumulator.load_state_dict(self.accumulator.state_dict())
-            self._sums_device = device
 
     def step(self, iteration: int) -> None:
         """Run a pruning round when one is due after iteration ``iteration``."""
@@ -287,14 +276,8 @@ class TaylorPruner(Pruner):
         ratio = after.macs / self.macs_before if self.macs_before else 1.0
         report_warnings = list(self._skipped)
         last = self.rounds[-1]
-        problem = None
-        if not last["reached"]:
-            problem = last["reason"] or "FLOPs target not reached"
-        elif ratio > config.flops_target + 0.01:
-            problem = (
-                f"achieved MACs ratio {ratio:.4f} is above flops_target {config.flops_target} "
-                f"(the cost model predicted {last['predicted_macs'] / self.macs_before:.4f})"
-            )
+        predicted = last["predicted_macs"] / self.macs_before if self.macs_before else 1.0
+        problem = target_miss(config.flops_target, ratio, bool(last["reached"]), last["reason"], predicted)
         if problem:
             report_warnings.append(problem)
             if ratio > config.flops_target + 1e-9:
