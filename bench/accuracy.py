@@ -2,8 +2,8 @@
 
 Same base model, same FLOPs target (0.471 by default), same training budget after the base model
 (``--epochs``), several seeds (mean and spread). For each method it reports the accuracy right after
-pruning (no fine-tuning), after fine-tuning, the achieved FLOPs ratio and the wall time; for ResRep
-also the accuracy change caused by ``finalize`` (0 when it is lossless).
+pruning or ``finalize`` (no fine-tuning), after fine-tuning, the achieved FLOPs ratio and the wall time;
+for training algorithms also the accuracy change caused by ``finalize`` (0 when it is lossless).
 
     PYTHONPATH=.:plugins python bench/accuracy.py                      # digits, ResNet-20, 3 seeds
     PYTHONPATH=.:plugins python bench/accuracy.py --data cifar10:~/data/cifar-10-batches-py \\
@@ -16,8 +16,10 @@ Methods (``--methods``, comma-separated; ``all`` adds every registered algorithm
 - ``magnitude``: one-shot magnitude pruning of the base model, then ``--epochs`` of fine-tuning.
 - ``tp-groupnorm``: torch-pruning's ``GroupNormPruner``: ``--epochs``/2 of sparse training, global
   pruning to the FLOPs target, then the other half of fine-tuning.
-- ``slimming``, ``taylor`` and any other registered algorithm: trained through its session for
-  ``--epochs`` then finalized (training algorithms; taylor fine-tunes between its rounds), or pruned
+- ``slimming``: split like ``tp-groupnorm``, as the paper prunes then fine-tunes: ``--epochs``/2 of
+  sparse training through its session, ``finalize``, then the other half of fine-tuning.
+- ``taylor`` and any other registered algorithm: trained through its session for ``--epochs`` then
+  finalized, no fine-tuning (training algorithms; taylor fine-tunes between its rounds), or pruned
   one-shot and fine-tuned, with the same budget.
 """
 
@@ -48,6 +50,8 @@ from mslim.training import PlainSession, evaluate, fit, planned_options  # noqa:
 from mslim_core.cost import count_cost  # noqa: E402
 
 DEFAULT_METHODS = ("resrep", "resrep-plain", "magnitude", "tp-groupnorm", "slimming", "taylor")
+SPLIT_BUDGET = frozenset({"slimming"})
+"""Training algorithms that get half of ``--epochs`` through their session and half as fine-tuning."""
 
 
 class GroupNormSparseSession(PlainSession):
@@ -103,9 +107,11 @@ def run_method(method: str, base: nn.Module, example: torch.Tensor, train: Any, 
                 options["zeroing"] = "none"
             options.update(args.resrep_option)
         if cls.trains:
-            options = planned_options(algo, None, options, train, args.epochs)
+            session_epochs = args.epochs // 2 if method in SPLIT_BUDGET else args.epochs
+            options = planned_options(algo, None, options, train, session_epochs)
             session = mslim.prepare(model, algo=algo, example_inputs=example, **options)
-            fit(session, train, val, epochs=args.epochs, lr=args.lr, **fit_kw)
+            if session_epochs:
+                fit(session, train, val, epochs=session_epochs, lr=args.lr, **fit_kw)
             wrapped, _ = evaluate(session.model, val)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -113,6 +119,10 @@ def run_method(method: str, base: nn.Module, example: torch.Tensor, train: Any, 
             row["acc_no_ft"], _ = evaluate(small, val)
             row["finalize_delta"] = row["acc_no_ft"] - wrapped
             row["acc_ft"] = None
+            if method in SPLIT_BUDGET:
+                if args.epochs - session_epochs:
+                    fit(small, train, val, epochs=args.epochs - session_epochs, lr=args.lr, **fit_kw)
+                row["acc_ft"], _ = evaluate(small, val)
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

@@ -104,13 +104,23 @@ def prune(
     val_loader: Any = None,
     epochs: int | None = None,
     train_options: dict[str, Any] | None = None,
+    finetune_epochs: int = 0,
     **options: Any,
 ) -> PruneResult:
     """Prune ``model`` in one call and return ``(smaller_model, report)``.
 
     Algorithms that prune while training need ``train_loader`` and ``epochs``; ``train_options``
-    go to ``mslim.training.fit`` (e.g. ``{"lr": 0.05, "out_dir": "run"}``).
+    go to ``mslim.training.fit`` (e.g. ``{"lr": 0.05, "out_dir": "run"}``). With ``finetune_epochs``
+    > 0 the pruned model (finalized, or pruned one-shot) is then fine-tuned on ``train_loader`` for
+    that many epochs with the same ``train_options`` (checkpoints in ``out_dir/finetune``).
     """
+    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
+        raise ConfigError(f"finetune_epochs must be an integer >= 0 (0: no fine-tuning), got {finetune_epochs!r}")
+    if finetune_epochs > 0 and train_loader is None:
+        raise ConfigError(
+            f"finetune_epochs={finetune_epochs} fine-tunes the pruned model on train_loader, but no train_loader "
+            "was given: pass train_loader= (and optionally val_loader=), or finetune_epochs=0"
+        )
     if train_loader is not None and epochs is not None:
         from mslim.training import planned_options
 
@@ -126,4 +136,19 @@ def prune(
 
         fit(session, train_loader, val_loader=val_loader, epochs=epochs, **(train_options or {}))
     small, report = session.finalize()
+    if finetune_epochs > 0:
+        _finetune(small, train_loader, val_loader, finetune_epochs, train_options or {})
     return PruneResult(small, report)
+
+
+def _finetune(model: nn.Module, train_loader: Any, val_loader: Any, epochs: int, train_options: dict[str, Any]) -> None:
+    """Fine-tune the pruned model with ``fit``; its checkpoints go to ``out_dir/finetune`` when there is an out_dir."""
+    from mslim.training import CHECKPOINT_NAME, fit
+
+    kwargs = dict(train_options)
+    if kwargs.get("out_dir") is not None:
+        folder = Path(kwargs["out_dir"]) / "finetune"
+        kwargs["out_dir"] = folder
+        kwargs["resume"] = bool(kwargs.get("resume")) and (folder / CHECKPOINT_NAME).exists()
+    kwargs.setdefault("desc", "fine-tune")
+    fit(model, train_loader, val_loader=val_loader, epochs=epochs, **kwargs)

@@ -1,11 +1,14 @@
 """The whole job in one call: train a base model, prune it with any algorithm, measure, write the results.
 
-Training algorithms (``trains=True``, e.g. ResRep) train through their session and are then
-finalized; one-shot algorithms prune the trained base model and fine-tune the result. Both end
-with the same figures for the base and the pruned model (accuracy, MACs, parameters, CPU
-latency), a JSON report, a per-layer width chart and the pruned model file under ``out_dir``.
-Each training phase checkpoints into its own sub-folder, so ``resume=True`` picks a stopped
-run up in the phase it was in.
+Training algorithms (``trains=True``, e.g. ResRep, slimming) train through their session and are
+then finalized; one-shot algorithms prune the trained base model. Either way the pruned model is
+then fine-tuned for ``finetune_epochs`` (default: 0 after a training algorithm, ``epochs`` after
+a one-shot one). Both end with the same figures for the base and the pruned model (accuracy,
+MACs, parameters, CPU latency), a JSON report, a per-layer width chart and the pruned model file
+under ``out_dir``. Each training phase checkpoints into its own sub-folder (``base``, ``prune``,
+``finetune``), so ``resume=True`` picks a stopped run up in the phase it was in; a run stopped
+while fine-tuning a finalized model finalizes again from the finished ``prune`` checkpoint (the
+same model, deterministically) and continues the ``finetune`` checkpoint.
 """
 
 from __future__ import annotations
@@ -53,7 +56,11 @@ class RunSpec:
     image_size: int | None = None
     flops_target: float | None = 0.471
     epochs: int = 10
-    """Pruning epochs for training algorithms; fine-tuning epochs after one-shot pruning."""
+    """Pruning epochs for training algorithms; fine-tuning epochs after one-shot pruning unless
+    ``finetune_epochs`` is set."""
+    finetune_epochs: int | None = None
+    """Fine-tuning epochs of the pruned model after ``finalize`` (training algorithms) or after
+    one-shot pruning; None: 0 for training algorithms, ``epochs`` for one-shot ones."""
     base_epochs: int = 10
     lr: float = 0.01
     base_lr: float = 0.1
@@ -77,6 +84,21 @@ class RunSpec:
         data = asdict(self)
         data["latency_batches"] = list(self.latency_batches)
         return data
+
+    def validate(self) -> None:
+        """Raise ConfigError for a setting ``run`` cannot use (checked before any work is done)."""
+        value = self.finetune_epochs
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ConfigError(
+                f"finetune_epochs must be an integer >= 0 (0: no fine-tuning) or None (the algorithm "
+                f"kind's default), got {value!r}"
+            )
+
+    def finetune_epochs_for(self, trains: bool) -> int:
+        """The fine-tuning epochs of this run: ``finetune_epochs``, or the default of the algorithm kind."""
+        if self.finetune_epochs is not None:
+            return self.finetune_epochs
+        return 0 if trains else self.epochs
 
 
 @dataclass
@@ -109,12 +131,26 @@ class RunResult:
     accuracy_before_finalize: float | None = None
     """Training algorithms: accuracy of the trained session model just before ``finalize``."""
     accuracy_before_finetune: float | None = None
-    """One-shot algorithms: accuracy of the pruned model before fine-tuning."""
+    """Accuracy of the pruned model right after pruning (one-shot) or ``finalize`` (training
+    algorithms), before fine-tuning; None when nothing is fine-tuned after a training algorithm."""
     layer_widths: dict[str, tuple[int, int]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
     history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     model: nn.Module | None = None
+
+    @property
+    def accuracy_after_finalize(self) -> float | None:
+        """Training algorithms: accuracy of the finalized model before any fine-tuning."""
+        if self.accuracy_before_finalize is None:
+            return None
+        return self.accuracy_before_finetune if self.accuracy_before_finetune is not None else self.pruned.accuracy
+
+    @property
+    def finalize_change_points(self) -> float | None:
+        """Training algorithms: accuracy change (points) caused by ``finalize`` alone, not by fine-tuning."""
+        after = self.accuracy_after_finalize
+        return None if after is None else 100 * (after - self.accuracy_before_finalize)  # type: ignore[operator]
 
     @property
     def flops_ratio(self) -> float:
@@ -136,10 +172,7 @@ class RunResult:
             "accuracy_change_points": 100 * (self.pruned.accuracy - self.base.accuracy),
             "trains": self.trains,
             "accuracy_before_finalize": self.accuracy_before_finalize,
-            "finalize_accuracy_change_points": (
-                None if self.accuracy_before_finalize is None
-                else 100 * (self.pruned.accuracy - self.accuracy_before_finalize)
-            ),
+            "finalize_accuracy_change_points": self.finalize_change_points,
             "accuracy_before_finetune": self.accuracy_before_finetune,
             "prune_report": self.report.to_dict(),
             "layer_widths": {k: list(v) for k, v in self.layer_widths.items()},
@@ -236,7 +269,9 @@ def run(spec: RunSpec, out_dir: str | Path, resume: bool = False,
     main = distributed.is_main()
     say = (log or (lambda text: print(text, file=sys.stderr, flush=True))) if main else (lambda text: None)
     out = Path(out_dir)
+    spec.validate()
     cls = pruner_class(spec.algo)
+    finetune_epochs = spec.finetune_epochs_for(cls.trains)
     dev = _device(spec)
     if out.exists() and (out / REPORT_NAME).exists() and not resume:
         raise ConfigError(f"{out} already holds a finished run ({REPORT_NAME}); choose another --out folder")
@@ -296,14 +331,15 @@ def run(spec: RunSpec, out_dir: str | Path, resume: bool = False,
         say(f"pruning with {spec.algo} (one shot)")
         small, report = mslim.prune(copy.deepcopy(model), algo=spec.algo, example_inputs=example, recipe=spec.recipe,
                                     **options)
+    if finetune_epochs > 0 or not cls.trains:
         before_finetune, _ = evaluate(small, val)
-        if spec.epochs > 0:
-            say(f"fine-tuning the pruned model for {spec.epochs} epochs")
-            folder = out / "finetune"
-            result = fit(small, train, val, epochs=spec.epochs, lr=spec.lr, out_dir=folder,
-                         resume=_phase_resume(resume, folder),
-                         meta={**meta, "phase": "finetune", "algorithm": spec.algo}, desc="fine-tune", **common)
-            history["finetune"] = result.history
+    if finetune_epochs > 0:
+        say(f"fine-tuning the pruned model for {finetune_epochs} epochs")
+        folder = out / "finetune"
+        result = fit(small, train, val, epochs=finetune_epochs, lr=spec.lr, out_dir=folder,
+                     resume=_phase_resume(resume, folder),
+                     meta={**meta, "phase": "finetune", "algorithm": spec.algo}, desc="fine-tune", **common)
+        history["finetune"] = result.history
     pruned_acc, pruned_loss = evaluate(small, val)
     seconds["prune"] = time.perf_counter() - t0
 

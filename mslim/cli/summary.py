@@ -35,11 +35,12 @@ def format_comparison(result: RunResult) -> str:
     table = format_table(["", "base", "pruned", "change"], rows, align="lrrl")
     notes = []
     if result.accuracy_before_finalize is not None:
-        delta = 100 * (small.accuracy - result.accuracy_before_finalize)
         notes.append(f"accuracy of the trained {result.spec.algo} model before finalize: "
-                     f"{100 * result.accuracy_before_finalize:.2f}% (finalize changed it by {delta:+.2f} pt)")
+                     f"{100 * result.accuracy_before_finalize:.2f}% "
+                     f"(finalize changed it by {result.finalize_change_points:+.2f} pt)")
     if result.accuracy_before_finetune is not None:
-        notes.append(f"accuracy right after pruning, before fine-tuning: {100 * result.accuracy_before_finetune:.2f}%")
+        when = "finalize" if result.trains else "pruning"
+        notes.append(f"accuracy right after {when}, before fine-tuning: {100 * result.accuracy_before_finetune:.2f}%")
     if base.latency_ms:
         notes.append(f"latency: median CPU forward time, {result.spec.threads} threads, BatchNorm folded in both "
                      f"models; ideal speed-up from MACs: {base.macs / small.macs:.2f}x")

@@ -25,8 +25,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "train",
         help="train a base model, prune it with an algorithm, measure and save the result",
         description="Train a zoo model on a dataset, prune it with any registered algorithm (training "
-        "algorithms prune while training, then finalize; one-shot ones prune the trained model, then "
-        "fine-tune), print a before/after table and write the pruned model, report.json and a chart. "
+        "algorithms prune while training, then finalize; one-shot ones prune the trained model), fine-tune "
+        "the pruned model (--finetune-epochs), print a before/after table and write the pruned model, "
+        "report.json and a chart. "
         "Works under torchrun (DistributedDataParallel; only rank 0 writes).",
     )
     p.add_argument("--algo", required=True, help="algorithm name (see `mslim algorithms`)")
@@ -40,7 +41,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an algorithm option, value read as JSON when it parses (repeatable)")
     p.add_argument("--epochs", type=nonnegative_int, default=20,
-                   help="pruning epochs (training algorithms) or fine-tuning epochs (one-shot; 0: none)")
+                   help="pruning epochs (training algorithms) or fine-tuning epochs (one-shot, unless "
+                   "--finetune-epochs is given; 0: none)")
+    p.add_argument("--finetune-epochs", type=nonnegative_int, default=None, metavar="N",
+                   help="fine-tuning epochs of the pruned model after finalize (training algorithms) or after "
+                   "one-shot pruning; 0: none (default: 0 for training algorithms, --epochs for one-shot ones)")
     p.add_argument("--base-epochs", type=nonnegative_int, default=20, help="base-model training epochs")
     p.add_argument("--base-weights", default=None,
                    help="start from these base weights (a trainer last.pt or a state dict) instead of training")
@@ -73,8 +78,9 @@ def run_train(args: argparse.Namespace) -> int:
         spec = RunSpec(
             algo=args.algo, model=args.model, data=args.data, image_size=args.image_size,
             flops_target=args.flops_target if args.flops_target is not None else options.pop("flops_target", None),
-            epochs=args.epochs, base_epochs=args.base_epochs, lr=args.lr, base_lr=args.base_lr,
-            momentum=args.momentum, weight_decay=args.weight_decay, batch_size=args.batch_size, seed=args.seed,
+            epochs=args.epochs, finetune_epochs=args.finetune_epochs, base_epochs=args.base_epochs, lr=args.lr,
+            base_lr=args.base_lr, momentum=args.momentum, weight_decay=args.weight_decay,
+            batch_size=args.batch_size, seed=args.seed,
             options=options, recipe=args.recipe, base_weights=args.base_weights, threads=args.threads,
             measure_latency=not args.no_latency, progress=not args.no_progress, device=args.device,
         )
