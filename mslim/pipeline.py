@@ -183,7 +183,7 @@ class RunResult:
 
 
 def hardware(threads: int | None = None) -> dict[str, Any]:
-    """The machine the figures come from: CPU model, core count, torch version, threads used."""
+    """The machine the figures come from: CPU model, core count, vector ISA torch uses, torch version, threads."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
@@ -198,6 +198,7 @@ def hardware(threads: int | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "platform": platform.platform(),
         "threads": threads,
     }

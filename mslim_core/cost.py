@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Protocol
 
 import torch
@@ -140,6 +141,17 @@ def layer_costs(model: nn.Module, example_inputs: Any) -> dict[str, LayerShape]:
     return shapes_by_name
 
 
+def _reach(unit: Any, layer: str) -> Fraction:
+    """The fraction of the unit's channels that reach ``layer`` (1 unless it reads e.g. one chunk of a
+    ``chunk()``, whose chunks every removal shrinks equally), from the unit's member records."""
+    total = int(getattr(unit, "original_channels", 0) or 0)
+    parts = [m.unit_idx for m in getattr(unit, "members", ()) if m.name == layer and m.role in ("consumer", "depthwise")]
+    if not parts or total <= 0:
+        return Fraction(1)
+    reached = int(torch.unique(torch.cat([torch.as_tensor(p).flatten() for p in parts])).numel())
+    return Fraction(min(reached, total), total) if reached else Fraction(1)
+
+
 def count_cost(model: nn.Module, example_inputs: Any) -> Cost:
     """Full analytic count: MACs of every conv/linear call on one sample, and all parameters."""
     macs = sum(s.macs for s in layer_costs(model, example_inputs).values())
@@ -171,18 +183,24 @@ class _Layer:
     ipg: int  # input channels per group (used when tied)
     in0: int
     out0: int
-    in_terms: tuple[tuple[int, int], ...]  # (unit index, features per channel)
+    in_terms: tuple[tuple[int, int], ...]  # (unit index, features per channel times `den`)
     out_terms: tuple[tuple[int, int], ...]
     bias: bool
+    den: int = 1  # the terms' common denominator (> 1 when a layer reads one chunk of a unit)
 
-    def widths(self, w: Sequence[int]) -> tuple[int, int]:
-        in_w = self.in0
+    def scaled_widths(self, w: Sequence[int]) -> tuple[int, int]:
+        """(in, out) widths times ``den``."""
+        in_w = self.in0 * self.den
         for u, c in self.in_terms:
             in_w += c * w[u]
-        out_w = self.out0
+        out_w = self.out0 * self.den
         for u, c in self.out_terms:
             out_w += c * w[u]
         return in_w, out_w
+
+    def widths(self, w: Sequence[int]) -> tuple[int, int]:
+        in_w, out_w = self.scaled_widths(w)
+        return in_w // self.den, out_w // self.den
 
     def macs(self, w: Sequence[int]) -> int:
         in_w, out_w = self.widths(w)
@@ -207,8 +225,8 @@ class CostModel:
         channels = [int(u.channels) for u in self.units]
         modules = dict(model.named_modules())
 
-        in_coef: dict[str, dict[int, int]] = {name: {} for name in shapes}
-        out_coef: dict[str, dict[int, int]] = {name: {} for name in shapes}
+        in_coef: dict[str, dict[int, Fraction]] = {name: {} for name in shapes}
+        out_coef: dict[str, dict[int, Fraction]] = {name: {} for name in shapes}
         tied = {
             name: s.kind != "linear" and s.groups > 1 and s.groups == s.in_features and s.out_features % s.groups == 0
             for name, s in shapes.items()
@@ -230,17 +248,21 @@ class CostModel:
                             f"unit {unit.name!r} lists {name!r} as depthwise, but it has "
                             f"in={s.in_features}, groups={s.groups}; a depthwise conv has groups == in channels"
                         )
-                    in_coef[name][ui] = 1
-                    out_coef[name][ui] = s.out_features // s.in_features
+                    reach = _reach(unit, name)
+                    in_coef[name][ui] = reach
+                    out_coef[name][ui] = reach * (s.out_features // s.in_features)
                 elif role == "out":
-                    out_coef[name][ui] = 1
+                    out_coef[name][ui] = Fraction(1)
                 else:
-                    in_coef[name][ui] = int(features.get(name, 1))
+                    in_coef[name][ui] = int(features.get(name, 1)) * _reach(unit, name)
+        # one common denominator keeps every count an integer (1 unless a layer reads part of a unit)
+        den = math.lcm(1, *(c.denominator for coef in (in_coef, out_coef) for cs in coef.values() for c in cs.values()))
+        self._den = den
 
         self._layers: list[_Layer] = []
         for name, s in shapes.items():
-            in0 = s.in_features - sum(c * channels[u] for u, c in in_coef[name].items())
-            out0 = s.out_features - sum(c * channels[u] for u, c in out_coef[name].items())
+            in0 = s.in_features - math.floor(sum(c * channels[u] for u, c in in_coef[name].items()))
+            out0 = s.out_features - math.floor(sum(c * channels[u] for u, c in out_coef[name].items()))
             if in0 < 0 or out0 < 0:
                 raise GraphError(
                     f"layer {name!r} has {s.in_features} inputs and {s.out_features} outputs, fewer than its "
@@ -258,9 +280,10 @@ class CostModel:
                     ipg=s.in_features // s.groups,
                     in0=in0,
                     out0=out0,
-                    in_terms=tuple(sorted(in_coef[name].items())),
-                    out_terms=tuple(sorted(out_coef[name].items())),
+                    in_terms=tuple(sorted((u, int(c * den)) for u, c in in_coef[name].items())),
+                    out_terms=tuple(sorted((u, int(c * den)) for u, c in out_coef[name].items())),
                     bias=getattr(module, "bias", None) is not None,
+                    den=den,
                 )
             )
 
@@ -290,8 +313,8 @@ class CostModel:
                 a_out[li, u] = c
         self._a_in_t = a_in.t().contiguous()
         self._a_out_t = a_out.t().contiguous()
-        self._in0 = torch.tensor([lay.in0 for lay in self._layers], dtype=torch.int64)
-        self._out0 = torch.tensor([lay.out0 for lay in self._layers], dtype=torch.int64)
+        self._in0 = torch.tensor([lay.in0 * den for lay in self._layers], dtype=torch.int64)  # times den
+        self._out0 = torch.tensor([lay.out0 * den for lay in self._layers], dtype=torch.int64)
         self._kpos = torch.tensor([lay.kpos for lay in self._layers], dtype=torch.int64)
         self._kprod = torch.tensor([lay.kprod for lay in self._layers], dtype=torch.int64)
         self._groups = torch.tensor([lay.groups for lay in self._layers], dtype=torch.int64)
@@ -362,18 +385,22 @@ class CostModel:
             raise GraphError(f"widths must have one entry per unit ({len(self.units)}), got shape {tuple(w.shape)}")
         return w, single
 
+    def _layer_widths(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(in, out) width of every layer at a (B, units) batch of widths."""
+        in_w = torch.div(self._in0 + w @ self._a_in_t, self._den, rounding_mode="floor")
+        out_w = torch.div(self._out0 + w @ self._a_out_t, self._den, rounding_mode="floor")
+        return in_w, out_w
+
     def macs(self, widths: torch.Tensor | Sequence[int] | None = None) -> int | torch.Tensor:
         """Total MACs at these widths (current widths if None); a (B, units) batch gives B totals."""
         w, single = self._as_batch(widths)
-        in_w = self._in0 + w @ self._a_in_t
-        out_w = self._out0 + w @ self._a_out_t
+        in_w, out_w = self._layer_widths(w)
         per_group = torch.where(self._tied, self._ipg, torch.div(in_w, self._groups, rounding_mode="floor"))
         total = (self._kpos * per_group * out_w).sum(-1)
         return int(total[0]) if single else total
 
     def _params_modeled(self, w: torch.Tensor) -> torch.Tensor:
-        in_w = self._in0 + w @ self._a_in_t
-        out_w = self._out0 + w @ self._a_out_t
+        in_w, out_w = self._layer_widths(w)
         per_group = torch.where(self._tied, self._ipg, torch.div(in_w, self._groups, rounding_mode="floor"))
         layers = (self._kprod * per_group * out_w + self._bias * out_w).sum(-1)
         norms = (self._norm_pp * (self._norm0 + w @ self._a_norm_t)).sum(-1)
@@ -427,12 +454,14 @@ class CostModel:
     def _saved(self, unit_index: int, k: int, w: Sequence[int]) -> int:
         saved = 0
         for layer, ci, co in self._touched[unit_index]:
-            in_w, out_w = layer.widths(w)
+            in_s, out_s = layer.scaled_widths(w)
+            d = layer.den
+            out_w, out_after = out_s // d, (out_s - k * co) // d
             if layer.tied:
-                saved += layer.kpos * layer.ipg * k * co
+                saved += layer.kpos * layer.ipg * (out_w - out_after)
             else:
                 g = layer.groups
-                saved += layer.kpos * ((in_w // g) * out_w - ((in_w - k * ci) // g) * (out_w - k * co))
+                saved += layer.kpos * ((in_s // d // g) * out_w - ((in_s - k * ci) // d // g) * out_after)
         return saved
 
     @staticmethod

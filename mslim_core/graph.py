@@ -502,6 +502,21 @@ class ChannelGraph:
         labels = u._ties[self._orig_out[u.name]]
         return torch.nonzero(torch.isin(labels, labels[values])).flatten()
 
+    def tie_classes(self, unit: Unit | str) -> Tensor:
+        """The unit's tie classes: a (num_classes, class_size) int64 tensor of current channel indices.
+
+        Channels tied by grouped convs share a row (each row sorted, rows sorted by their first
+        index); a removal takes whole rows. An untied unit has one row per channel.
+        """
+        u = self._resolve(unit)
+        if u._ties is None or u.channel_groups == 1:
+            return torch.arange(u.channels, dtype=torch.long).unsqueeze(1)
+        labels = u._ties[self._orig_out[u.name]]
+        _, cls = torch.unique(labels, return_inverse=True)
+        order = torch.sort(cls, stable=True).indices  # channels grouped by class, ascending within each
+        rows = order.reshape(-1, u.channel_groups)
+        return rows[torch.argsort(rows[:, 0])]
+
     def channel_blocks(self, unit: Unit | str) -> list[Tensor]:
         """Current channels of the unit split into the blocks a removal must take equally from.
 

@@ -7,6 +7,7 @@ Shared by every algorithm that prunes in one go from scores (magnitude, slimming
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -15,12 +16,12 @@ from torch import nn
 from mslim_core.cost import CostModel, count_cost
 from mslim_core.equivalence import check_equivalence, zero_channels
 from mslim_core.errors import GraphError, TargetNotReachedWarning
-from mslim_core.graph import ChannelGraph
+from mslim_core.graph import ChannelGraph, Unit
 from mslim_core.importance import get_importance, score_units, zero_score_message, zero_scored_units
 from mslim_core.pruner import Pruner
 from mslim_core.removal import removals_to_json
 from mslim_core.report import PruneReport
-from mslim_core.selection import Selection, SelectionConfig, select_channels
+from mslim_core.selection import Selection, SelectionConfig, channel_sets, select_channels
 from mslim_core.tracing import run_model
 
 
@@ -43,6 +44,27 @@ def _max_abs_diff(reference: nn.Module, pruned: nn.Module, inputs: Any) -> float
     ref = flat(run_model(reference, inputs))
     got = flat(run_model(pruned, inputs))
     return max((float((a.float() - b.float()).abs().max()) for a, b in zip(ref, got) if a.numel()), default=0.0)
+
+
+def tied_sets_problem(graph: ChannelGraph, unit: Unit) -> str:
+    """Why ``unit``'s tied channels (grouped convs, ``chunk()``) cannot be pruned in whole sets ("" when
+    they can, or are not tied); every ranking pruner leaves such a unit out with this reason."""
+    try:
+        channel_sets(graph, unit)
+    except GraphError as exc:
+        return str(exc).removeprefix(f"unit {unit.name!r}: ")
+    return ""
+
+
+def sets_of_units(graph: ChannelGraph, units: Sequence[Unit], scores: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The channel sets (see ``channel_sets``) of the scored units whose channels are tied, by unit name."""
+    out: dict[str, torch.Tensor] = {}
+    for unit in units:
+        if unit.name in scores:
+            sets = channel_sets(graph, unit, scores[unit.name])
+            if sets is not None:
+                out[unit.name] = sets
+    return out
 
 
 def target_miss(flops_target: float, ratio: float, reached: bool, reason: str | None,
@@ -71,7 +93,8 @@ def prune_by_importance(
     Ranking and limits come from ``pruner.config``, a ``SelectionConfig``.
 
     The model of ``pruner`` is pruned in place. Used by ``magnitude`` and ``slimming``;
-    other one-shot pruners with a different criterion can call it as is.
+    other one-shot pruners with a different criterion can call it as is. Units whose channels
+    are tied (grouped convs, ``chunk()``) lose whole channel sets (see ``channel_sets``).
     """
     config = pruner.config
     if not isinstance(config, SelectionConfig):
@@ -92,11 +115,9 @@ def prune_by_importance(
     for unit in graph.units:
         if not config.prune_coupled and not unit.independent:
             continue
-        if unit.channel_groups > 1 or unit.chunks > 1:
-            report_warnings.append(
-                f"unit {unit.name!r} is not pruned: its channels feed grouped convs or a chunk() and must be "
-                "removed in tied sets, which this algorithm does not do yet"
-            )
+        why = tied_sets_problem(graph, unit)
+        if why:
+            report_warnings.append(f"unit {unit.name!r} is not pruned: {why}")
             continue
         applicable = getattr(criterion, "applicable", None)
         if applicable is not None and not applicable(unit, model):
@@ -117,6 +138,7 @@ def prune_by_importance(
         config.flops_target,
         **config.selection_options(),
         reference_macs=before.macs,
+        channel_sets=sets_of_units(graph, units, scores),
     )
     # the reference: the unpruned model with the chosen channels zeroed (indices are build-time ones here)
     zeroed = zero_channels(model, graph, selection.removed) if config.check_equivalence else None

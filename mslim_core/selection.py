@@ -22,6 +22,11 @@ original channels removed, and, with ``round_to = N > 1``, a pruned unit keeps a
 of N channels (a unit left untouched keeps its original width). When every unit is at its
 limit before the target is met, the result holds the smallest reachable plan, ``reached``
 is False and ``reason`` says why.
+
+Tied channels: a unit whose channels feed a grouped conv, or pass a ``chunk(n)``, can only
+lose whole *channel sets* (``channel_sets``: the tie classes of the grouped convs, or one
+channel from each chunk). ``select_channels`` ranks such a unit's sets by the mean of their
+members' normalised scores and changes its width only by whole sets.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ __all__ = [
     "Selection",
     "SelectionConfig",
     "channel_floors",
+    "channel_sets",
     "normalize_scores",
     "select_channels",
     "uniform_widths",
@@ -196,17 +202,93 @@ def _check_limits(min_channels: int, max_ratio_per_layer: float, round_to: int) 
 
 
 def _aligned_scores(cost: Any, scores: Sequence[torch.Tensor | None] | Mapping[str, torch.Tensor]) -> list[torch.Tensor | None]:
+    return _aligned(cost, scores, "scores")
+
+
+def _aligned(cost: Any, per_unit: Sequence[Any] | Mapping[str, Any], what: str) -> list[Any]:
+    """``per_unit`` (a mapping by unit name, or a sequence in ``cost.units`` order) as a list in unit order."""
     units = list(cost.units)
-    if isinstance(scores, Mapping):
+    if isinstance(per_unit, Mapping):
         names = {u.name for u in units}
-        unknown = sorted(set(scores) - names)
+        unknown = sorted(set(per_unit) - names)
         if unknown:
-            raise GraphError(f"scores given for {unknown!r}, which are not units of the cost model")
-        return [scores.get(u.name) for u in units]
-    scores = list(scores)
-    if len(scores) != len(units):
-        raise GraphError(f"scores must have one entry per unit of the cost model ({len(units)}), got {len(scores)}")
-    return scores
+            raise GraphError(f"{what} given for {unknown!r}, which are not units of the cost model")
+        return [per_unit.get(u.name) for u in units]
+    per_unit = list(per_unit)
+    if len(per_unit) != len(units):
+        raise GraphError(f"{what} must have one entry per unit of the cost model ({len(units)}), got {len(per_unit)}")
+    return per_unit
+
+
+def channel_sets(graph: Any, unit: Any, scores: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The channel sets a removal from ``unit`` must take whole: a (num_sets, set_size) int64 tensor
+    of current channel indices, or None for a unit whose channels are not tied.
+
+    Grouped convs: the tie classes (``ChannelGraph.tie_classes``). ``chunk(n)``: each of the n
+    equal chunks is sorted by ``scores`` ascending (stable; by position without scores) and set i
+    holds the i-th weakest channel of every chunk, so removing k sets removes the k weakest of
+    each chunk. A unit with both raises GraphError (not supported).
+    """
+    u = graph.unit(unit) if isinstance(unit, str) else unit
+    tied, chunked = int(u.channel_groups) > 1, int(u.chunks) > 1
+    if not tied and not chunked:
+        return None
+    if tied and chunked:
+        raise GraphError(
+            f"unit {u.name!r}: its channels are tied by grouped convs (classes of {u.channel_groups}) and also "
+            f"pass a chunk({u.chunks}); removing channel sets that satisfy both is not supported"
+        )
+    if tied:
+        return graph.tie_classes(u)
+    blocks = _chunk_blocks(graph, u)  # (chunks, m)
+    if scores is None:
+        return blocks.t().contiguous()
+    s = torch.as_tensor(scores).detach().flatten().to(torch.float64).cpu()
+    if s.numel() != int(u.channels):
+        raise GraphError(f"unit {u.name!r} has {u.channels} channels but {s.numel()} scores were given")
+    order = torch.sort(s[blocks], dim=1, stable=True).indices
+    return torch.gather(blocks, 1, order).t().contiguous()
+
+
+def _chunk_blocks(graph: Any, unit: Any) -> torch.Tensor:
+    """(num_blocks, block_size) current channels of a chunked unit: those in the same chunk of every
+    ``chunk()`` the unit passes; GraphError when they do not split it into equal blocks."""
+    labellings = tuple(getattr(unit, "_chunk_labels", ()))
+    if len(labellings) > 1:  # several chunk() calls: blocks are the channels sharing every chunk number
+        orig = graph.original_indices(unit)
+        joint = torch.zeros(int(unit.channels), dtype=torch.int64)
+        outside = torch.zeros(int(unit.channels), dtype=torch.bool)
+        for labels in labellings:
+            current = labels[orig]
+            outside |= current < 0
+            joint = joint * (int(labels.max()) + 1) + current.clamp(min=0)
+        _, inverse = torch.unique(joint, return_inverse=True)
+        blocks = [] if bool(outside.any()) else [torch.nonzero(inverse == k).flatten() for k in range(int(inverse.max()) + 1)]
+    else:
+        blocks = graph.channel_blocks(unit)
+    sizes = [int(b.numel()) for b in blocks]
+    if not sizes or sum(sizes) != int(unit.channels) or min(sizes) != max(sizes) or min(sizes) == 0:
+        raise GraphError(
+            f"unit {unit.name!r}: its channels pass a chunk({unit.chunks}) that does not split all {unit.channels} "
+            f"of them into equal chunks (chunk sizes {sizes}); removing channel sets there is not supported"
+        )
+    return torch.stack([b.to(torch.int64) for b in blocks])
+
+
+def _checked_sets(name: str, sets: Any, width: int) -> torch.Tensor:
+    """``sets`` as a (num_sets, set_size) int64 tensor that partitions ``width`` channels, or GraphError."""
+    if not isinstance(sets, torch.Tensor) or sets.dim() != 2 or sets.dtype.is_floating_point or sets.dtype == torch.bool:
+        shape = tuple(sets.shape) if isinstance(sets, torch.Tensor) else type(sets).__name__
+        raise GraphError(
+            f"channel sets of unit {name!r} must be a 2-D integer tensor (num_sets, set_size), got {shape}"
+        )
+    sets = sets.detach().to(torch.int64).cpu()
+    if sets.shape[1] == 0 or sets.numel() != width or not torch.equal(sets.flatten().sort().values, torch.arange(width)):
+        raise GraphError(
+            f"channel sets of unit {name!r} (shape {tuple(sets.shape)}) must partition its {width} channels: "
+            f"every index 0..{width - 1} exactly once, in equal-size sets"
+        )
+    return sets
 
 
 def _unreachable_reason(min_channels: int, max_ratio: float, round_to: int, ratio: float, target: float) -> str:
@@ -230,6 +312,7 @@ def select_channels(
     normalize: Normalization = "mean",
     reference_macs: int | None = None,
     original_widths: torch.Tensor | Sequence[int] | None = None,
+    channel_sets: Sequence[torch.Tensor | None] | Mapping[str, torch.Tensor] | None = None,
 ) -> Selection:
     """Choose the channels to remove so the predicted MACs are at most ``flops_target * reference_macs``.
 
@@ -238,6 +321,12 @@ def select_channels(
     from the units now; ``original_widths`` (default: the cost model's starting widths) and
     ``reference_macs`` (default: the cost model's MACs at those widths) anchor the ratio
     limits and the target when a model is pruned in several steps.
+
+    ``channel_sets`` (per unit, as from the function ``channel_sets``; None for a plain unit)
+    makes a unit lose only whole sets: its sets are ranked by the mean of their members'
+    normalised scores, and its width moves by multiples of the set size (landing on a
+    multiple of ``round_to`` when that is above 1); uniform mode snaps its width up to the
+    nearest such width. Units without sets behave as without the argument.
     """
     if mode not in _MODES:
         raise ConfigError(f"selection mode {mode!r} is unknown; allowed: {', '.join(_MODES)}")
@@ -260,6 +349,14 @@ def select_channels(
             )
         if not torch.isfinite(s).all():
             raise GraphError(f"scores of unit {unit.name!r} are not all finite (NaN or inf)")
+    per_unit_sets: list[torch.Tensor | None] = [None] * len(units)
+    if channel_sets is not None:
+        per_unit_sets = [
+            None if sets is None or s is None else _checked_sets(unit.name, sets, width)
+            for unit, s, sets, width in zip(units, per_unit, _aligned(cost, channel_sets, "channel_sets"), current.tolist())
+        ]
+    set_sizes = [1 if sets is None else int(sets.shape[1]) for sets in per_unit_sets]
+    steps = [math.lcm(z, round_to) if z > 1 else round_to for z in set_sizes]
     floors = channel_floors(
         original, current, min_channels=min_channels, max_ratio_per_layer=max_ratio_per_layer, round_to=round_to
     )
@@ -271,17 +368,24 @@ def select_channels(
     target_macs = float(flops_target) * reference_macs
 
     if mode == "global":
-        widths, macs_after = _greedy_global(cost, per_unit, current, floors, target_macs, macs_now, round_to, normalize)
+        ranked = [
+            None if s is None else _ranked_values(s, sets, normalize) for s, sets in zip(per_unit, per_unit_sets)
+        ]
+        widths, macs_after = _greedy_global(cost, ranked, current, floors, target_macs, macs_now, steps)
         ratio = None
     else:
-        widths, macs_after, ratio = _uniform(cost, original, current, floors, target_macs, round_to)
+        snap = torch.tensor([z > 1 for z in set_sizes], dtype=torch.bool)
+        step_t = torch.tensor(steps, dtype=torch.int64)
+        widths, macs_after, ratio = _uniform(cost, original, current, floors, target_macs, round_to, snap, step_t)
 
     removed: dict[str, torch.Tensor] = {}
-    for ui, (unit, s) in enumerate(zip(units, per_unit)):
+    for ui, (unit, s, sets) in enumerate(zip(units, per_unit, per_unit_sets)):
         k = int(current[ui] - widths[ui])
         if k <= 0 or s is None:
             continue
-        order = _ascending_order(s)
+        if sets is not None and k % set_sizes[ui]:
+            raise GraphError(f"internal error: unit {unit.name!r} would lose {k} channels, not whole sets of {set_sizes[ui]}")
+        order = _ascending_order(s) if sets is None else _set_order(s, sets, normalize).flatten()
         removed[unit.name] = order[:k].sort().values
     reached = macs_after <= target_macs
     reason = None
@@ -301,7 +405,24 @@ def select_channels(
         reached=bool(reached),
         reason=reason,
         ratio=ratio,
+        extra={"set_sizes": {u.name: z for u, z in zip(units, set_sizes) if z > 1}},
     )
+
+
+def _set_order(scores: torch.Tensor, sets: torch.Tensor, normalize: Normalization) -> torch.Tensor:
+    """The rows of ``sets`` from weakest to strongest by the mean of their members' normalised scores."""
+    means = normalize_scores(scores, normalize)[sets].mean(1)
+    return sets[torch.sort(means, stable=True).indices]
+
+
+def _ranked_values(scores: torch.Tensor, sets: torch.Tensor | None, normalize: Normalization) -> list[float]:
+    """Per channel, in removal order, the normalised score global ranking compares: the channel's own,
+    or its set's mean (repeated for each member, so any whole number of sets averages right)."""
+    norm = normalize_scores(scores, normalize)
+    if sets is None:
+        return norm[_ascending_order(norm)].tolist()
+    means = torch.sort(norm[sets].mean(1), stable=True).values
+    return means.repeat_interleave(sets.shape[1]).tolist()
 
 
 def _ascending_order(scores: torch.Tensor) -> torch.Tensor:
@@ -309,37 +430,35 @@ def _ascending_order(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores.detach().to(torch.float64), stable=True).indices
 
 
-def _next_width(width: int, round_to: int) -> int:
-    """The next allowed width below ``width``: one less, or the multiple of ``round_to`` below it."""
-    if round_to <= 1:
+def _next_width(width: int, step: int) -> int:
+    """The next allowed width below ``width``: one less, or the multiple of ``step`` below it.
+
+    ``step`` is ``round_to`` for a plain unit and ``lcm(set_size, round_to)`` for a unit with
+    channel sets (its width is a multiple of the set size, so every move removes whole sets).
+    """
+    if step <= 1:
         return width - 1
-    return ((width - 1) // round_to) * round_to
+    return ((width - 1) // step) * step
 
 
 def _greedy_global(
     cost: Any,
-    per_unit: list[torch.Tensor | None],
+    ranked: list[list[float] | None],
     current: torch.Tensor,
     floors: torch.Tensor,
     target_macs: float,
     macs_now: int,
-    round_to: int,
-    normalize: Normalization,
+    steps: list[int],
 ) -> tuple[torch.Tensor, int]:
     """Remove the globally lowest-ranked channels (or chunks) until the target is met or nothing is left.
 
-    The units' sorted score lists are merged through a heap keyed by the next chunk's mean
-    normalised score, so the order equals one global sort when ``round_to`` is 1.
+    ``ranked[u]``: unit u's normalised scores in removal order (None: not pruned). The units'
+    lists are merged through a heap keyed by the next chunk's mean normalised score, so the
+    order equals one global sort when every step is 1.
     """
     widths = current.tolist()
     floor_list = floors.tolist()
-    sorted_scores: list[list[float] | None] = []
-    for s in per_unit:
-        if s is None:
-            sorted_scores.append(None)
-            continue
-        norm = normalize_scores(s, normalize)
-        sorted_scores.append(norm[_ascending_order(norm)].tolist())
+    sorted_scores = ranked
     removed = [0] * len(widths)
     heap: list[tuple[float, int, int]] = []
 
@@ -347,7 +466,7 @@ def _greedy_global(
         values = sorted_scores[u]
         if values is None:
             return
-        nxt = _next_width(widths[u], round_to)
+        nxt = _next_width(widths[u], steps[u])
         if nxt < floor_list[u] or nxt < 0:
             return
         k = widths[u] - nxt
@@ -373,12 +492,20 @@ def _uniform(
     floors: torch.Tensor,
     target_macs: float,
     round_to: int,
+    snap: torch.Tensor,
+    steps: torch.Tensor,
 ) -> tuple[torch.Tensor, int, float]:
-    """Bisection on the common ratio: the smallest one whose widths meet the target."""
+    """Bisection on the common ratio: the smallest one whose widths meet the target.
+
+    Units flagged in ``snap`` (those with channel sets) have their width rounded up to a
+    multiple of their ``steps`` entry, never above the current width.
+    """
     prunable = floors < current
 
     def widths_at(r: float) -> torch.Tensor:
         w = uniform_widths(r, original, current, floors, round_to)
+        snapped = torch.minimum(-torch.div(-w, steps, rounding_mode="floor") * steps, current)
+        w = torch.where(snap, snapped, w)
         return torch.where(prunable, w, current)
 
     w0 = widths_at(0.0)

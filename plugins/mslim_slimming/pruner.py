@@ -5,7 +5,8 @@ penalty on the scales of the norm layers of every prunable unit) to the gradient
 scales, so the scales of unneeded channels drift towards zero. ``finalize`` ranks channels by
 ``|gamma|`` (the ``bn_scale`` criterion), removes the weakest through the engine until the
 FLOPs target is met, checks the smaller model against the trained one with those channels
-zeroed, and reports. Units without a norm layer with a scale are not pruned (and reported).
+zeroed, and reports. Units without a norm layer with a scale are not pruned (and reported);
+units whose channels are tied by grouped convs or a ``chunk()`` lose whole channel sets.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from mslim_core.importance import Importance, get_importance
 from mslim_core.pruner import Pruner
 from mslim_core.selection import SelectionConfig
 from mslim_core.report import PruneReport
-from mslim_core.oneshot import prune_by_importance
+from mslim_core.oneshot import prune_by_importance, tied_sets_problem
 
 __all__ = ["SlimmingConfig", "SlimmingPruner", "penalised_norms"]
 
@@ -54,12 +55,12 @@ def penalised_norms(graph: ChannelGraph, model: nn.Module, criterion: Importance
     """Names of the norm layers whose scales ``slimming`` penalises and later ranks.
 
     The norm layers (with a per-channel scale) of every unit ``finalize`` may prune: coupled
-    units only with ``prune_coupled``, and no unit whose channels come in tied sets (grouped
-    convs, ``chunk``), which are not pruned.
+    units only with ``prune_coupled``; units whose channels come in tied sets (grouped convs,
+    ``chunk``) too, except the unsupported case of both at once, which is not pruned.
     """
     names: list[str] = []
     for unit in graph.units:
-        if not _prunable(unit, prune_coupled) or not criterion.applicable(unit, model):
+        if not _prunable(graph, unit, prune_coupled) or not criterion.applicable(unit, model):
             continue
         for name in criterion.member_names(unit):
             weight = getattr(model.get_submodule(name), "weight", None)
@@ -68,8 +69,8 @@ def penalised_norms(graph: ChannelGraph, model: nn.Module, criterion: Importance
     return names
 
 
-def _prunable(unit: Unit, prune_coupled: bool) -> bool:
-    return (prune_coupled or unit.independent) and unit.channel_groups == 1 and unit.chunks == 1
+def _prunable(graph: ChannelGraph, unit: Unit, prune_coupled: bool) -> bool:
+    return (prune_coupled or unit.independent) and not tied_sets_problem(graph, unit)
 
 
 class SlimmingPruner(Pruner):

@@ -4,7 +4,8 @@ While training, ``after_backward`` sums ``|w * dL/dw|`` per output channel (a
 :class:`~mslim_core.importance.TaylorAccumulator`) over the batches before each round. Every
 ``interval`` iterations ``step`` runs a round: it ranks channels (by the accumulated scores,
 or any registered criterion), removes the weakest through the engine until the model is at
-the round's intermediate FLOPs target, checks the smaller model against the model just
+the round's intermediate FLOPs target (units whose channels are tied by grouped convs or a
+``chunk()`` lose whole channel sets), checks the smaller model against the model just
 before the round with those channels zeroed, and re-points the optimizers at the new,
 smaller parameters (momentum buffers follow). Training between rounds fine-tunes. After
 ``pruning_steps`` rounds the model is at ``flops_target``; ``finalize`` runs any rounds that
@@ -27,7 +28,7 @@ from mslim_core.equivalence import check_equivalence, zero_channels
 from mslim_core.errors import CheckpointError, ConfigError, TargetNotReachedWarning
 from mslim_core.graph import ChannelGraph, Unit
 from mslim_core.importance import TaylorAccumulator, get_importance, score_units
-from mslim_core.oneshot import target_miss
+from mslim_core.oneshot import sets_of_units, target_miss, tied_sets_problem
 from mslim_core.pruner import Pruner
 from mslim_core.removal import removals_from_json, removals_to_json
 from mslim_core.report import PruneReport
@@ -140,8 +141,9 @@ class TaylorPruner(Pruner):
         config: TaylorConfig = self.config  # type: ignore[assignment]
         if not config.prune_coupled and not unit.independent:
             return "it is a coupled group and prune_coupled is False"
-        if unit.channel_groups > 1 or unit.chunks > 1:
-            return "its channels feed grouped convs or a chunk() and must be removed in tied sets"
+        tied = tied_sets_problem(self.graph, unit)
+        if tied:
+            return tied
         if not self.criterion.applicable(unit, self.model):
             return f"importance {self.criterion.name!r} cannot score it"
         return ""
@@ -211,6 +213,7 @@ class TaylorPruner(Pruner):
             **config.selection_options(),
             reference_macs=self.macs_before,
             original_widths=original,
+            channel_sets=sets_of_units(self.graph, units, scores),
         )
         reference = None
         if config.check_equivalence and selection.removed:
