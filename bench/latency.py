@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import statistics
 import sys
 import warnings
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": " ".join(["python bench/latency.py", *(argv or sys.argv[1:])]),
+    out.write_text(json.dumps({"command": shlex.join(["python", "bench/latency.py", *(argv or sys.argv[1:])]),
                                "hardware": hardware(args.threads), "rows": rows}, indent=2) + "\n")
     return 0
 
