@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.metadata
 import os
 import platform
 import statistics
@@ -119,7 +120,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
 
-    print(f"torch {torch.__version__}, torch-pruning {tp.__version__}, {platform.processor() or platform.machine()}, "
+    print(f"torch {torch.__version__}, torch-pruning {importlib.metadata.version('torch-pruning')}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores visible, {args.threads} thread(s)")
     header = (
         f"{'model':<10} {'graph':>8} {'tp init':>8} {'remove':>8} {'tp step':>8} {'ratio':>6} "
