@@ -13,7 +13,9 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def _seed_and_threads() -> None:
+    """Every test starts from seed 0 and one intra-op thread, whatever the test before it set."""
     torch.manual_seed(0)
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -21,15 +21,6 @@ from mslim_core.removal import Removal, removals_from_json, removals_to_json
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models run fastest (and steadiest on a shared machine) on one thread."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def randomize_norms(model: nn.Module, gen: torch.Generator) -> None:
     """Non-trivial BN statistics so that zeroing the wrong parameter would show."""
     for m in model.modules():

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
@@ -15,14 +14,6 @@ from torch import nn
 
 from mslim_core.equivalence import check_equivalence, zero_channels
 from mslim_core.graph import ChannelGraph
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _cbr(cin: int, cout: int, k: int, groups: int = 1, bn: bool = True) -> nn.Sequential:

@@ -25,15 +25,6 @@ from mslim_core.selection import select_channels
 from mslim_core.tracing import run_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models on a shared machine: one intra-op thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     out = run_model(model, x)
     return list(out) if isinstance(out, (tuple, list)) else [out]

@@ -17,14 +17,6 @@ from mslim_resrep import Compactor
 from mslim_resrep.finalize import rows_to_keep
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CASES = {
     "resnet56": (["fc"], (2, 3, 32, 32)),
     "resnet50": (["fc"], (2, 3, 32, 32)),

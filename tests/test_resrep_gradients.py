@@ -9,14 +9,6 @@ from torch import nn
 import mslim
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model() -> nn.Module:
     torch.manual_seed(3)
     return nn.Sequential(

@@ -14,14 +14,6 @@ from mslim_core.errors import ConfigError, GraphError, TargetNotReachedWarning
 from mslim_resrep import COMPACTOR_GROUP, Compacted, Compactor, ResRepPruner, set_momentum
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _outputs(model: nn.Module, x: torch.Tensor):
     model.eval()
     with torch.no_grad():

@@ -15,14 +15,6 @@ from mslim_core.graph import ChannelGraph
 from mslim_resrep.schedule import growth_limit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def resnet56():
     torch.manual_seed(0)

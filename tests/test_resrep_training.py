@@ -16,14 +16,6 @@ from mslim.data import load_dataset, make_loaders
 from mslim_core.errors import CheckpointError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _small_model() -> nn.Module:
     torch.manual_seed(11)
     return nn.Sequential(

@@ -22,14 +22,6 @@ from mslim.models import create
 from mslim_core.errors import ConfigError, GraphError, MslimError, MslimWarning
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 BATCH, NUM_IMAGES, EPOCHS = 8, 40, 8  # 5 iterations per epoch, 40 in all
 _X = torch.randn(NUM_IMAGES, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 _Y = torch.randint(0, 10, (NUM_IMAGES,), generator=torch.Generator().manual_seed(2))

@@ -27,15 +27,6 @@ from mslim_core.selection import (
 from mslim_core.tracing import run_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models on a shared machine: one intra-op thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TiedNet(nn.Module):
     """stem; ResNeXt-style a1 (1x1) -> a2 (3x3, groups=4) -> a3 (1x1); C2f-style c1 -> chunk(2),
     the second half through m, concat of both halves and m -> c2; classifier."""

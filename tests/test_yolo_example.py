@@ -16,14 +16,6 @@ from mslim.models import create
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "yolo_elan" / "train_resrep_yolo.py"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _script():
     spec = importlib.util.spec_from_file_location("train_resrep_yolo", SCRIPT)
     module = importlib.util.module_from_spec(spec)
