@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from mslim.data import write_cifar_folder
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "bench" / "accuracy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.bench_scripts import load_bench
 
 
 def test_the_comparison_runs_on_a_cifar10_folder(tmp_path, capsys):
@@ -28,7 +18,7 @@ def test_the_comparison_runs_on_a_cifar10_folder(tmp_path, capsys):
     folder = write_cifar_folder(tmp_path / "cifar-10-batches-py", images, labels, test_images=images[:16],
                                 test_labels=labels[:16])
     out = tmp_path / "acc.json"
-    bench = _bench()
+    bench = load_bench("accuracy")
     methods = ["resrep", "magnitude", "tp-groupnorm", "slimming"]
     assert bench.main(["--data", f"cifar10:{folder}", "--model", "resnet20", "--image-size", "0", "--seeds", "0",
                        "--base-epochs", "1", "--epochs", "2", "--batch-size", "16", "--threads", "1",

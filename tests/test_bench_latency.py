@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from mslim_core.cost import count_cost
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_latency", ROOT / "bench" / "latency.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.bench_scripts import load_bench
 
 
 def test_zoo_entries_and_shapes_parse():
-    bench = _bench()
+    bench = load_bench("latency")
     assert bench.parse_zoo("resnet56@3x32x32, resnet50@3x224x224,vgg16_bn", (1, 8, 8)) == [
         ("resnet56", (3, 32, 32)), ("resnet50", (3, 224, 224)), ("vgg16_bn", (1, 8, 8))]
     assert bench.parse_zoo("", (3, 32, 32)) == []
@@ -33,7 +23,7 @@ def test_zoo_entries_and_shapes_parse():
 
 
 def test_block_internal_pairs_keep_the_stage_widths():
-    bench = _bench()
+    bench = load_bench("latency")
     pairs = bench.pairs_one_shot([("resnet20", (3, 16, 16))], 0.6, [1, 8], ["all", "internal"])
     labels = [p[0] for p in pairs]
     assert labels == ["magnitude resnet20", "magnitude resnet20, round_to 8",
@@ -57,7 +47,7 @@ def test_block_internal_pairs_keep_the_stage_widths():
 
 
 def test_a_tiny_run_writes_rows_with_the_macs_ratio(tmp_path):
-    bench = _bench()
+    bench = load_bench("latency")
     out = tmp_path / "latency.json"
     assert bench.main(["--zoo", "resnet20@3x8x8", "--round-to", "1", "--units", "all", "--batches", "1",
                        "--threads", "1", "--rounds", "1", "--seconds", "0", "--min-runs", "1",
