@@ -458,12 +458,11 @@ def _greedy_global(
     """
     widths = current.tolist()
     floor_list = floors.tolist()
-    sorted_scores = ranked
     removed = [0] * len(widths)
     heap: list[tuple[float, int, int]] = []
 
     def push(u: int) -> None:
-        values = sorted_scores[u]
+        values = ranked[u]
         if values is None:
             return
         nxt = _next_width(widths[u], steps[u])
