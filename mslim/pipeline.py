@@ -75,6 +75,8 @@ class RunSpec:
     threads: int = 2
     latency_batches: tuple[int, ...] = (1, 64)
     measure_latency: bool = True
+    channels_last: bool = False
+    """Time latency in channels-last memory format (often faster on CPUs; see docs/deployment.md)."""
     progress: bool = True
     device: str | None = None
     """Training device ("cpu", "cuda", "cuda:1"); None: CUDA (this process's LOCAL_RANK) when available."""
@@ -246,7 +248,8 @@ def _latency(model: nn.Module, example: torch.Tensor, spec: RunSpec) -> dict[int
     from mslim.latency import deploy_form, measure_latency
 
     deployed = deploy_form(model, example)
-    timings = measure_latency(deployed, tuple(example.shape[1:]), spec.latency_batches, threads=spec.threads)
+    timings = measure_latency(deployed, tuple(example.shape[1:]), spec.latency_batches, threads=spec.threads,
+                              channels_last=spec.channels_last)
     return {b: t.median_ms for b, t in timings.items()}
 
 
@@ -352,7 +355,8 @@ def run(spec: RunSpec, out_dir: str | Path, resume: bool = False,
     small_fig = ModelFigures(pruned_acc, pruned_loss, small_cost.macs, small_cost.params)
     if spec.measure_latency and main:
         t0 = time.perf_counter()
-        say(f"timing CPU latency (batch {', '.join(map(str, spec.latency_batches))}; {spec.threads} threads)")
+        fmt = "channels-last" if spec.channels_last else "contiguous"
+        say(f"timing CPU latency (batch {', '.join(map(str, spec.latency_batches))}; {spec.threads} threads; {fmt})")
         base_fig.latency_ms = _latency(model, example, spec)
         small_fig.latency_ms = _latency(small, example, spec)
         seconds["latency"] = time.perf_counter() - t0

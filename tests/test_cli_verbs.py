@@ -183,3 +183,39 @@ def test_finalize_refuses_plain_training_checkpoint(toy, cifar_folder, tmp_path,
     code = main(["finalize", "--wrapped-model", str(out / "base" / "last.pt"), "--out", str(tmp_path / "f.mslim")])
     assert code == 2
     assert "holds plain training (no pruning session): nothing to finalize" in capsys.readouterr().err
+
+
+def test_latency_can_be_timed_in_channels_last(monkeypatch):
+    import mslim.latency
+    from mslim import pipeline
+    from mslim.cli.demo import demo_spec
+    from mslim.cli.main import build_parser
+    from mslim.cli.summary import format_comparison
+    from mslim_core.report import PruneReport
+
+    seen: list[bool] = []
+    real = mslim.latency.measure_latency
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["channels_last"])
+        return real(*args, **{**kwargs, "min_runs": 1, "min_seconds": 0.0, "warmup": 0})
+
+    monkeypatch.setattr(mslim.latency, "measure_latency", spy)
+    spec = pipeline.RunSpec(algo="magnitude", channels_last=True, latency_batches=(1, 2))
+    times = pipeline._latency(create("resnet20", in_channels=1), torch.randn(2, 1, 8, 8), spec)
+    assert seen == [True] and set(times) == {1, 2} and all(t > 0 for t in times.values())
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "--algo", "magnitude", "--channels-last"]).channels_last is True
+    assert parser.parse_args(["train", "--algo", "magnitude"]).channels_last is False
+    assert parser.parse_args(["demo", "--channels-last"]).channels_last is True
+    assert demo_spec(channels_last=True).channels_last and not demo_spec().channels_last
+
+    figures = pipeline.ModelFigures(accuracy=0.9, loss=0.3, macs=200, params=50, latency_ms={1: 2.0})
+    smaller = pipeline.ModelFigures(accuracy=0.9, loss=0.3, macs=100, params=30, latency_ms={1: 1.0})
+    report = PruneReport(algorithm="magnitude", macs_before=200, macs_after=100, params_before=50, params_after=30)
+    result = pipeline.RunResult(spec=spec, out_dir=Path("."), base=figures, pruned=smaller, report=report,
+                                trains=False)
+    assert "2 threads, channels-last, BatchNorm folded" in format_comparison(result)
+    spec.channels_last = False
+    assert "2 threads, BatchNorm folded" in format_comparison(result)

@@ -42,6 +42,7 @@ def format_comparison(result: RunResult) -> str:
         when = "finalize" if result.trains else "pruning"
         notes.append(f"accuracy right after {when}, before fine-tuning: {100 * result.accuracy_before_finetune:.2f}%")
     if base.latency_ms:
-        notes.append(f"latency: median CPU forward time, {result.spec.threads} threads, BatchNorm folded in both "
+        fmt = ", channels-last" if result.spec.channels_last else ""
+        notes.append(f"latency: median CPU forward time, {result.spec.threads} threads{fmt}, BatchNorm folded in both "
                      f"models; ideal speed-up from MACs: {base.macs / small.macs:.2f}x")
     return "\n".join([table, *notes])

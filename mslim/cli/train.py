@@ -58,6 +58,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="training device, e.g. cpu, cuda, cuda:1 (default: CUDA if available)")
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for the latency measurement")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--channels-last", action="store_true",
+                   help="time latency in channels-last memory format (often faster on CPUs; see docs/deployment.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", default=None, help="output folder (default: a new mslim-train-... folder here)")
     p.add_argument("--resume", action="store_true", help="continue the run stopped in --out")
@@ -82,7 +84,8 @@ def run_train(args: argparse.Namespace) -> int:
             base_lr=args.base_lr, momentum=args.momentum, weight_decay=args.weight_decay,
             batch_size=args.batch_size, seed=args.seed,
             options=options, recipe=args.recipe, base_weights=args.base_weights, threads=args.threads,
-            measure_latency=not args.no_latency, progress=not args.no_progress, device=args.device,
+            measure_latency=not args.no_latency, channels_last=args.channels_last, progress=not args.no_progress,
+            device=args.device,
         )
         result = run(spec, out, resume=args.resume)
         if distributed.is_main():
