@@ -199,3 +199,24 @@ def test_plan_fills_unset_length_only() -> None:
     assert session.pruner.schedule.start == 200  # 5 epochs = 250, capped at 20% of the run
     session.pruner.plan(5000)
     assert session.config.total_iters == 1000  # an explicit (or earlier) length is kept
+
+
+def test_units_tied_by_grouped_convs_or_chunks_get_no_compactor() -> None:
+    """Per-row masks cannot keep tied sets, so such units are left out (and finalize still works)."""
+    from mslim.data import TensorLoader
+    from tests.test_tied_selection import tied_net
+
+    x = torch.randn(64, 3, 8, 8)
+    session = mslim.prepare(tied_net(), algo="resrep", example_inputs=x[:2], flops_target=0.6)
+    skipped = session.pruner.skipped
+    for name in ("a1", "c1"):  # a1 feeds the grouped a2; c1's output passes chunk(2)
+        assert "can only be removed in tied sets" in skipped[name], name
+    assert skipped["a2"] == "it is a grouped or depthwise conv (groups=4)"
+    assert [u.name for u in session.pruner.units] == ["a3", "m", "c2"]
+
+    labels = torch.randint(0, 10, (64,))
+    small, report = mslim.prune(tied_net(), algo="resrep", example_inputs=x[:2], flops_target=0.6,
+                                train_loader=TensorLoader(x, labels, 16), epochs=3,
+                                train_options={"lr": 0.05, "progress": False})
+    assert set(report.layer_widths) == {"a3", "m", "c2"}
+    assert report.macs_after / report.macs_before <= 0.6 + 0.01

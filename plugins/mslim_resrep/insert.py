@@ -4,7 +4,8 @@ A conv gets a compactor when the channel engine finds it is the only producer of
 channels (an independent unit) and the compactor can later be folded away exactly:
 
 - a plain ``nn.Conv2d`` with ``groups == 1`` (depthwise and other grouped convs never get one),
-  called once per forward pass;
+  called once per forward pass, whose channels are not tied in sets (by a grouped conv that
+  reads them, or a ``chunk()``): the masks pick rows one by one;
 - followed directly by a BatchNorm2d with running statistics that only it feeds, or by no norm
   at all (a norm further down the group, or another kind of norm, cannot be folded);
 - not the stem (the conv that reads the model input) unless ``include_stem``;
@@ -150,6 +151,11 @@ def select_units(
             why = f"it is a {type(conv).__name__}, not a Conv2d"
         elif conv.groups != 1:
             why = f"it is a grouped or depthwise conv (groups={conv.groups})"
+        elif unit.channel_groups > 1 or unit.chunks > 1:
+            why = (
+                "its channels feed a grouped conv or pass a chunk(), so they can only be removed in tied sets, "
+                "which per-row compactor masks do not keep"
+            )
         elif unit.name in stems and not include_stem:
             why = "it is the stem (reads the model input); set include_stem=True to include it"
         elif calls.get(unit.name, 0) != 1 or aliases.get(id(conv), 0) != 1:
