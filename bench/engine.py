@@ -20,26 +20,17 @@ import platform
 import statistics
 import time
 import warnings
-from typing import Any, Callable
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
 from mslim.models import create, example_input
+from timing import median_time  # bench/timing.py (this folder is on sys.path when run as a script)
 from mslim_core.cost import CostModel, count_cost
 from mslim_core.graph import ChannelGraph
 
 RATIO = 0.5
-
-
-def _median_time(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _n_removed(channels: int) -> int:
@@ -106,7 +97,7 @@ def cost_query_times(model: nn.Module, x: torch.Tensor, n: int) -> tuple[float, 
             widths[u] -= 1
             done += 1
     ours = (time.perf_counter() - start) / max(done, 1)
-    tp_time = _median_time(lambda: tp.utils.count_ops_and_params(model, x), 5)
+    tp_time = median_time(lambda: tp.utils.count_ops_and_params(model, x), 5)
     return ours, tp_time
 
 

@@ -24,7 +24,7 @@ import platform
 import statistics
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,16 +32,8 @@ from torch import nn
 
 import mslim
 from mslim.models import create, example_input
+from timing import median_time  # bench/timing.py (this folder is on sys.path when run as a script)
 from mslim_core.errors import TargetNotReachedWarning
-
-
-def _median(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def train_step_overhead(steps: int, batch: int = 64) -> dict[str, float]:
@@ -74,9 +66,9 @@ def train_step_overhead(steps: int, batch: int = 64) -> dict[str, float]:
     assert session.pruner.masked_rows() > 0
     t_plain, t_wrapped = [], []
     for _ in range(steps):
-        t_plain.append(_median(plain_step, 1))
-        t_wrapped.append(_median(wrapped_step, 1))
-    hooks = _median(lambda: (session.after_backward(), session.pruner.step(50)), 20)
+        t_plain.append(median_time(plain_step, 1))
+        t_wrapped.append(median_time(wrapped_step, 1))
+    hooks = median_time(lambda: (session.after_backward(), session.pruner.step(50)), 20)
     return {
         "plain": statistics.median(t_plain),
         "wrapped": statistics.median(t_wrapped),
@@ -101,7 +93,7 @@ def mask_update_time(name: str, updates: int) -> tuple[float, int, int]:
         pruner.update_masks(1000)
 
     one()
-    return _median(one, updates), pruner.bank.num_rows, pruner.masked_rows()
+    return median_time(one, updates), pruner.bank.num_rows, pruner.masked_rows()
 
 
 def finalize_time() -> tuple[float, float, float]:
