@@ -3,7 +3,8 @@
 The ideal speed-up is the MACs ratio (base MACs / pruned MACs). Both models are timed in their deploy
 form (BatchNorm folded into the convs), at batch 1 and 64 with 2 threads by default, interleaved over
 several rounds (median over rounds of the best time of each round) so that load changes on the
-machine hit both alike and other jobs' interference is filtered out.
+machine hit both alike and other jobs' interference is filtered out. ``--runtime`` picks eager torch
+(in each ``--memory-format``), ONNX Runtime (the exported model; needs ``mslim[deploy]``), or both.
 
     PYTHONPATH=.:plugins python bench/latency.py                           # zoo models pruned one-shot
     PYTHONPATH=.:plugins python bench/latency.py --zoo '' --models bench/results/models-digits  # saved models
@@ -37,6 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 import mslim  # noqa: E402
 from mslim.latency import deploy_form, measure_latency  # noqa: E402
 from mslim.models import create  # noqa: E402
+from mslim.onnx_runtime import onnxruntime_model  # noqa: E402
 from mslim.pipeline import hardware  # noqa: E402
 from mslim_core.cost import count_cost  # noqa: E402
 from mslim_core.io import read_manifest  # noqa: E402
@@ -44,18 +46,21 @@ from mslim_core.io import read_manifest  # noqa: E402
 
 def timed_pair(base: nn.Module, pruned: nn.Module, shape: tuple[int, ...], batches: list[int], threads: int,
                rounds: int, seconds: float, channels_last: bool = False,
-               min_runs: int = 10) -> dict[int, tuple[float, float]]:
+               min_runs: int = 10, runtime: str = "torch") -> dict[int, tuple[float, float]]:
     """Median over ``rounds`` of each model's best latency (ms) per batch size, measured alternately.
 
     The best of many runs is the estimate least disturbed by other jobs on a shared machine.
     """
     example = torch.randn(1, *shape)
     a, b = deploy_form(base, example), deploy_form(pruned, example)
+    if runtime == "onnxruntime":  # one session per model, built once for all rounds
+        a, b = onnxruntime_model(a, example, threads), onnxruntime_model(b, example, threads)
     times: dict[int, tuple[list[float], list[float]]] = {n: ([], []) for n in batches}
     for _ in range(rounds):
         for model, slot in ((a, 0), (b, 1)):
             for n, lat in measure_latency(model, shape, batches, threads=threads, min_seconds=seconds,
-                                          channels_last=channels_last, min_runs=min_runs).items():
+                                          channels_last=channels_last, min_runs=min_runs,
+                                          runtime=runtime).items():
                 times[n][slot].append(lat.min_ms)
     return {n: (statistics.median(x), statistics.median(y)) for n, (x, y) in times.items()}
 
@@ -137,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--round-to", type=int, nargs="+", default=[1, 8, 16], help="channel multiples for --zoo pruning")
     p.add_argument("--units", choices=("all", "internal", "both"), default="both",
                    help="--zoo pruning: every unit, only block-internal units (ResRep's set), or both")
-    p.add_argument("--memory-format", choices=("contiguous", "channels_last", "both"), default="both")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime", "both"), default="torch",
+                   help="eager torch, ONNX Runtime (needs mslim[deploy]), or both")
+    p.add_argument("--memory-format", choices=("contiguous", "channels_last", "both"), default="both",
+                   help="memory formats of the torch runtime")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
@@ -148,24 +156,28 @@ def main(argv: list[str] | None = None) -> int:
     units = ["all", "internal"] if args.units == "both" else [args.units]
     pairs = pairs_one_shot(parse_zoo(args.zoo, parse_shape(args.input)), args.flops_target, args.round_to, units)
     formats = ["contiguous", "channels_last"] if args.memory_format == "both" else [args.memory_format]
+    runtimes = ["torch", "onnxruntime"] if args.runtime == "both" else [args.runtime]
+    variants = [("torch", fmt) for fmt in formats if "torch" in runtimes]
+    variants += [("onnxruntime", None)] if "onnxruntime" in runtimes else []
     for folder in args.models:
         pairs += pairs_from_folder(Path(folder))
     rows: list[dict[str, Any]] = []
-    lines = ["| model | input | memory format | batch | base (ms) | pruned (ms) | speed-up | ideal (MACs) | of ideal |",
+    lines = ["| model | input | runtime | batch | base (ms) | pruned (ms) | speed-up | ideal (MACs) | of ideal |",
              "|---|---|---|---|---|---|---|---|---|"]
     for label, base, small, in_shape in pairs:
         x = torch.randn(1, *in_shape)
         ideal = count_cost(base, x).macs / count_cost(small, x).macs
-        for fmt in formats:
+        for runtime, fmt in variants:
             timed = timed_pair(base, small, in_shape, args.batches, args.threads, args.rounds, args.seconds,
-                               channels_last=fmt == "channels_last", min_runs=args.min_runs)
+                               channels_last=fmt == "channels_last", min_runs=args.min_runs, runtime=runtime)
+            where = f"torch {fmt}" if fmt else runtime
             for batch, (t_base, t_small) in timed.items():
                 speed = t_base / t_small
-                rows.append({"model": label, "input": list(in_shape), "memory_format": fmt, "batch": batch,
-                             "base_ms": t_base, "pruned_ms": t_small, "speedup": speed, "ideal": ideal,
-                             "of_ideal": speed / ideal})
-                lines.append(f"| {label} | {'x'.join(map(str, in_shape))} | {fmt} | {batch} | {t_base:.2f} "
-                             f"| {t_small:.2f} | {speed:.2f}x | {ideal:.2f}x | {100 * speed / ideal:.0f}% |")
+                rows.append({"model": label, "input": list(in_shape), "runtime": runtime, "memory_format": fmt,
+                             "batch": batch, "base_ms": t_base, "pruned_ms": t_small, "speedup": speed,
+                             "ideal": ideal, "of_ideal": speed / ideal})
+                lines.append(f"| {label} | {'x'.join(map(str, in_shape))} | {where} | {batch} | {t_base:.3f} "
+                             f"| {t_small:.3f} | {speed:.2f}x | {ideal:.2f}x | {100 * speed / ideal:.0f}% |")
                 print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
     out = Path(args.out)

@@ -77,6 +77,8 @@ class RunSpec:
     measure_latency: bool = True
     channels_last: bool = False
     """Time latency in channels-last memory format (often faster on CPUs; see docs/deployment.md)."""
+    latency_runtime: str = "torch"
+    """Where latency is timed: "torch" (eager) or "onnxruntime" (exported; needs the deploy extra)."""
     progress: bool = True
     device: str | None = None
     """Training device ("cpu", "cuda", "cuda:1"); None: CUDA (this process's LOCAL_RANK) when available."""
@@ -89,6 +91,20 @@ class RunSpec:
 
     def validate(self) -> None:
         """Raise ConfigError for a setting ``run`` cannot use (checked before any work is done)."""
+        from mslim.latency import RUNTIMES
+
+        if self.latency_runtime not in RUNTIMES:
+            raise ConfigError(f"latency_runtime must be one of {', '.join(RUNTIMES)}; got {self.latency_runtime!r}")
+        if self.latency_runtime == "onnxruntime" and self.channels_last:
+            raise ConfigError("channels_last applies to the torch latency runtime only: ONNX Runtime picks its "
+                              "own layout")
+        if self.latency_runtime == "onnxruntime" and self.measure_latency:
+            from mslim.onnx_runtime import require_onnxruntime
+
+            try:  # checked now, so that a missing package does not fail the run after training
+                require_onnxruntime()
+            except MslimError as exc:
+                raise ConfigError(str(exc)) from None
         value = self.finetune_epochs
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ConfigError(
@@ -249,7 +265,7 @@ def _latency(model: nn.Module, example: torch.Tensor, spec: RunSpec) -> dict[int
 
     deployed = deploy_form(model, example)
     timings = measure_latency(deployed, tuple(example.shape[1:]), spec.latency_batches, threads=spec.threads,
-                              channels_last=spec.channels_last)
+                              channels_last=spec.channels_last, runtime=spec.latency_runtime)
     return {b: t.median_ms for b, t in timings.items()}
 
 
@@ -355,7 +371,8 @@ def run(spec: RunSpec, out_dir: str | Path, resume: bool = False,
     small_fig = ModelFigures(pruned_acc, pruned_loss, small_cost.macs, small_cost.params)
     if spec.measure_latency and main:
         t0 = time.perf_counter()
-        fmt = "channels-last" if spec.channels_last else "contiguous"
+        fmt = "ONNX Runtime" if spec.latency_runtime == "onnxruntime" else (
+            "channels-last" if spec.channels_last else "contiguous")
         say(f"timing CPU latency (batch {', '.join(map(str, spec.latency_batches))}; {spec.threads} threads; {fmt})")
         base_fig.latency_ms = _latency(model, example, spec)
         small_fig.latency_ms = _latency(small, example, spec)

@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
-from mslim_core.cost import count_cost
+from mslim.models import create
+from mslim_core.cost import CostModel, count_cost
+from mslim_core.graph import ChannelGraph
 from tests.bench_scripts import load_bench
 
 
@@ -60,3 +62,45 @@ def test_a_tiny_run_writes_rows_with_the_macs_ratio(tmp_path):
     assert 1.9 < row["ideal"] < 2.2  # MACs ratio of a 0.5 target (within the 0.01 tolerance)
     assert row["speedup"] == pytest.approx(row["base_ms"] / row["pruned_ms"])
     assert row["of_ideal"] == pytest.approx(row["speedup"] / row["ideal"])
+
+
+def test_onnxruntime_rows_are_timed_from_exported_models(tmp_path):
+    bench = load_bench("latency")
+    out = tmp_path / "latency.json"
+    assert bench.main(["--zoo", "resnet20@1x8x8", "--round-to", "1", "--units", "all", "--batches", "1", "2",
+                       "--threads", "1", "--rounds", "1", "--seconds", "0", "--min-runs", "1",
+                       "--runtime", "both", "--memory-format", "channels_last", "--flops-target", "0.5",
+                       "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["runtime"], r["memory_format"], r["batch"]) for r in rows] == [
+        ("torch", "channels_last", 1), ("torch", "channels_last", 2), ("onnxruntime", None, 1), ("onnxruntime", None, 2)]
+    assert all(r["base_ms"] > 0 and r["pruned_ms"] > 0 for r in rows)
+
+
+def test_width_sweep_samples_allocations_at_the_target_and_times_them(tmp_path):
+    sweep = load_bench("width_sweep")
+    base = create("resnet20", in_channels=1).eval()
+    x = torch.randn(1, 1, 8, 8)
+    graph = ChannelGraph(base, x)
+    cost = CostModel(base, x, graph.units)
+    widths = sweep.sample_widths(cost, 0.5, 0.02, 8, 5, torch.Generator().manual_seed(0))
+    assert len(widths) == 5 and len(torch.unique(widths, dim=0)) == 5
+    full = cost.initial_widths()
+    assert bool(((widths % 8 == 0) | (widths == full)).all()) and bool((widths <= full).all())
+    ratios = cost.macs(widths).double() / cost.macs(full)
+    assert bool(((ratios - 0.5).abs() <= 0.02).all())
+    small = sweep.build(base, x, [u.name for u in graph.units], widths[0])
+    assert count_cost(small, x).macs == cost.macs(widths[0])  # the engine builds exactly the sampled widths
+    assert small(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--zoo", "resnet20@1x8x8", "--flops-target", "0.5", "--tolerance", "0.02", "--samples", "2",
+                       "--runtime", "torch-contiguous", "onnxruntime", "--batches", "1", "--threads", "1",
+                       "--rounds", "1", "--seconds", "0", "--min-runs", "1", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("python bench/width_sweep.py --zoo resnet20@1x8x8")
+    assert sorted({(r["allocation"], r["runtime"]) for r in data["rows"]}) == [
+        (0, "onnxruntime"), (0, "torch-contiguous"), (1, "onnxruntime"), (1, "torch-contiguous")]
+    assert all(1.85 < r["ideal"] < 2.2 for r in data["rows"])
+    with pytest.raises(SystemExit, match="no allocation of resnet20 in multiples of 64"):
+        sweep.main(["--zoo", "resnet20@1x8x8", "--round-to", "64", "--tolerance", "0.001", "--out", str(out)])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mslim.cli.arguments import nonnegative_int, positive_int, timestamped_folder
 from mslim.cli.summary import format_comparison
+from mslim.latency import RUNTIMES
 from mslim.pipeline import RunSpec, run
 
 DEMO_BASE_EPOCHS = 30
@@ -20,12 +21,13 @@ DEMO_IMAGE_SIZE = 16
 
 def demo_spec(epochs: int = DEMO_EPOCHS, base_epochs: int = DEMO_BASE_EPOCHS, seed: int = 0,
               image_size: int = DEMO_IMAGE_SIZE, progress: bool = True, measure_latency: bool = True,
-              channels_last: bool = False) -> RunSpec:
+              channels_last: bool = False, latency_runtime: str = "torch") -> RunSpec:
     """The demo's run: ResNet-20 on digits, ResRep to flops_target 0.471 with its short-schedule defaults."""
     return RunSpec(
         algo="resrep", model="resnet20", data="digits", image_size=image_size, flops_target=0.471,
         epochs=epochs, base_epochs=base_epochs, lr=0.03, base_lr=0.1, batch_size=64, seed=seed,
         threads=2, measure_latency=measure_latency, channels_last=channels_last, progress=progress,
+        latency_runtime=latency_runtime,
     )
 
 
@@ -49,6 +51,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--channels-last", action="store_true",
                    help="time latency in channels-last memory format (often faster on CPUs; see docs/deployment.md)")
+    p.add_argument("--latency-runtime", choices=RUNTIMES, default="torch",
+                   help="time latency in eager torch or, exported, in ONNX Runtime (needs mslim[deploy]; "
+                   "see docs/deployment.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run_demo)
 
@@ -57,7 +62,8 @@ def run_demo(args: argparse.Namespace) -> int:
     """Run the demo and print the comparison and where the files are."""
     out = Path(args.out) if args.out else timestamped_folder("mslim-demo")
     spec = demo_spec(args.epochs, args.base_epochs, args.seed, args.image_size, progress=not args.no_progress,
-                     measure_latency=not args.no_latency, channels_last=args.channels_last)
+                     measure_latency=not args.no_latency, channels_last=args.channels_last,
+                     latency_runtime=args.latency_runtime)
     result = run(spec, out)
     print()
     print(f"ResNet-20 on digits, pruned by ResRep to keep {spec.flops_target} of its FLOPs "

@@ -43,6 +43,7 @@ def format_comparison(result: RunResult) -> str:
         notes.append(f"accuracy right after {when}, before fine-tuning: {100 * result.accuracy_before_finetune:.2f}%")
     if base.latency_ms:
         fmt = ", channels-last" if result.spec.channels_last else ""
+        fmt += ", in ONNX Runtime" if result.spec.latency_runtime == "onnxruntime" else ""
         notes.append(f"latency: median CPU forward time, {result.spec.threads} threads{fmt}, BatchNorm folded in both "
                      f"models; ideal speed-up from MACs: {base.macs / small.macs:.2f}x")
     return "\n".join([table, *notes])

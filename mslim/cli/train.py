@@ -15,6 +15,7 @@ from mslim.cli.arguments import (
     timestamped_folder,
 )
 from mslim.cli.summary import format_comparison
+from mslim.latency import RUNTIMES
 from mslim.pipeline import RunSpec, run
 from mslim_core.errors import ConfigError
 
@@ -60,6 +61,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--channels-last", action="store_true",
                    help="time latency in channels-last memory format (often faster on CPUs; see docs/deployment.md)")
+    p.add_argument("--latency-runtime", choices=RUNTIMES, default="torch",
+                   help="time latency in eager torch or, exported, in ONNX Runtime (needs mslim[deploy]; "
+                   "see docs/deployment.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", default=None, help="output folder (default: a new mslim-train-... folder here)")
     p.add_argument("--resume", action="store_true", help="continue the run stopped in --out")
@@ -84,7 +88,8 @@ def run_train(args: argparse.Namespace) -> int:
             base_lr=args.base_lr, momentum=args.momentum, weight_decay=args.weight_decay,
             batch_size=args.batch_size, seed=args.seed,
             options=options, recipe=args.recipe, base_weights=args.base_weights, threads=args.threads,
-            measure_latency=not args.no_latency, channels_last=args.channels_last, progress=not args.no_progress,
+            measure_latency=not args.no_latency, channels_last=args.channels_last,
+            latency_runtime=args.latency_runtime, progress=not args.no_progress,
             device=args.device,
         )
         result = run(spec, out, resume=args.resume)
