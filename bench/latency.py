@@ -180,11 +180,15 @@ def main(argv: list[str] | None = None) -> int:
                              f"| {t_small:.3f} | {speed:.2f}x | {ideal:.2f}x | {100 * speed / ideal:.0f}% |")
                 print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": shlex.join(["python", "bench/latency.py", *(argv or sys.argv[1:])]),
-                               "hardware": hardware(args.threads), "rows": rows}, indent=2) + "\n")
+    write_rows(Path(args.out), "bench/latency.py", argv, args.threads, rows)
     return 0
+
+
+def write_rows(out: Path, script: str, argv: list[str] | None, threads: int, rows: list[dict[str, Any]]) -> None:
+    """The JSON results file: the command that made it, the hardware and the measured rows."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": shlex.join(["python", script, *(argv or sys.argv[1:])]),
+                               "hardware": hardware(threads), "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

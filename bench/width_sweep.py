@@ -13,8 +13,7 @@ and runtime on this machine, whichever channels it picks.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
+import copy
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,9 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from latency import parse_shape, timed_pair  # noqa: E402
+from latency import parse_shape, timed_pair, write_rows  # noqa: E402
 
 from mslim.models import create  # noqa: E402
-from mslim.pipeline import hardware  # noqa: E402
 from mslim_core.cost import CostModel, count_cost  # noqa: E402
 from mslim_core.graph import ChannelGraph  # noqa: E402
 
@@ -54,8 +52,6 @@ def sample_widths(cost: CostModel, target: float, tolerance: float, multiple: in
 
 def build(base: nn.Module, example: torch.Tensor, unit_names: list[str], widths: torch.Tensor) -> nn.Module:
     """A copy of ``base`` whose units keep their first ``widths`` channels (which ones does not matter for time)."""
-    import copy
-
     model = copy.deepcopy(base)
     graph = ChannelGraph(model, example)
     for name, width in zip(unit_names, widths.tolist()):
@@ -124,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{100 * cell[len(cell) // 2]['of_ideal']:.0f}% | "
                          f"{best['base_ms'] / best['pruned_ms']:.2f}x of {best['ideal']:.2f}x |")
     print("\n".join(lines))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": shlex.join(["python", "bench/width_sweep.py", *(argv or sys.argv[1:])]),
-                               "hardware": hardware(args.threads), "rows": rows}, indent=2) + "\n")
+    write_rows(Path(args.out), "bench/width_sweep.py", argv, args.threads, rows)
     return 0
 
 

@@ -185,7 +185,13 @@ def test_finalize_refuses_plain_training_checkpoint(toy, cifar_folder, tmp_path,
     assert "holds plain training (no pruning session): nothing to finalize" in capsys.readouterr().err
 
 
-def test_latency_can_be_timed_in_channels_last(monkeypatch):
+@pytest.mark.parametrize("setting, flags, seen_key, expected, note", [
+    ({"channels_last": True}, ["--channels-last"], "channels_last", True, "2 threads, channels-last, BatchNorm folded"),
+    ({"latency_runtime": "onnxruntime"}, ["--latency-runtime", "onnxruntime"], "runtime", "onnxruntime",
+     "2 threads, in ONNX Runtime, BatchNorm folded"),
+], ids=["channels-last", "onnxruntime"])
+def test_latency_settings_reach_the_timer_the_cli_and_the_summary(monkeypatch, setting, flags, seen_key, expected,
+                                                                   note):
     import mslim.latency
     from mslim import pipeline
     from mslim.cli.demo import demo_spec
@@ -193,29 +199,38 @@ def test_latency_can_be_timed_in_channels_last(monkeypatch):
     from mslim.cli.summary import format_comparison
     from mslim_core.report import PruneReport
 
-    seen: list[bool] = []
+    seen: list[object] = []
     real = mslim.latency.measure_latency
 
     def spy(*args, **kwargs):
-        seen.append(kwargs["channels_last"])
+        seen.append(kwargs[seen_key])
         return real(*args, **{**kwargs, "min_runs": 1, "min_seconds": 0.0, "warmup": 0})
 
     monkeypatch.setattr(mslim.latency, "measure_latency", spy)
-    spec = pipeline.RunSpec(algo="magnitude", channels_last=True, latency_batches=(1, 2))
+    spec = pipeline.RunSpec(algo="magnitude", latency_batches=(1, 2), **setting)
     times = pipeline._latency(create("resnet20", in_channels=1), torch.randn(2, 1, 8, 8), spec)
-    assert seen == [True] and set(times) == {1, 2} and all(t > 0 for t in times.values())
+    assert seen == [expected] and set(times) == {1, 2} and all(t > 0 for t in times.values())
 
     parser = build_parser()
-    assert parser.parse_args(["train", "--algo", "magnitude", "--channels-last"]).channels_last is True
-    assert parser.parse_args(["train", "--algo", "magnitude"]).channels_last is False
-    assert parser.parse_args(["demo", "--channels-last"]).channels_last is True
-    assert demo_spec(channels_last=True).channels_last and not demo_spec().channels_last
+    (field,) = setting
+    assert getattr(parser.parse_args(["train", "--algo", "magnitude", *flags]), field) == expected
+    assert getattr(parser.parse_args(["demo", *flags]), field) == expected
+    assert getattr(demo_spec(**setting), field) == expected
+    assert getattr(parser.parse_args(["train", "--algo", "magnitude"]), field) == getattr(pipeline.RunSpec(algo="x"),
+                                                                                         field)
 
     figures = pipeline.ModelFigures(accuracy=0.9, loss=0.3, macs=200, params=50, latency_ms={1: 2.0})
     smaller = pipeline.ModelFigures(accuracy=0.9, loss=0.3, macs=100, params=30, latency_ms={1: 1.0})
     report = PruneReport(algorithm="magnitude", macs_before=200, macs_after=100, params_before=50, params_after=30)
     result = pipeline.RunResult(spec=spec, out_dir=Path("."), base=figures, pruned=smaller, report=report,
                                 trains=False)
-    assert "2 threads, channels-last, BatchNorm folded" in format_comparison(result)
-    spec.channels_last = False
+    assert note in format_comparison(result)
+    result.spec = pipeline.RunSpec(algo="magnitude")
     assert "2 threads, BatchNorm folded" in format_comparison(result)
+
+
+def test_an_unknown_latency_runtime_is_refused_by_the_cli():
+    from mslim.cli.main import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--latency-runtime", "tvm"])

@@ -1,17 +1,15 @@
-"""mslim.onnx_runtime and the onnxruntime latency runtime: outputs, timings, errors and the CLI wiring."""
+"""mslim.onnx_runtime and the onnxruntime latency runtime: outputs, timings and errors (CLI wiring: test_cli_verbs)."""
 
 from __future__ import annotations
 
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import mslim
-import mslim.latency
 from mslim import pipeline
 from mslim.latency import deploy_form, measure_latency
 from mslim.models import create
@@ -102,37 +100,3 @@ def test_run_spec_checks_the_latency_runtime():
         pipeline.RunSpec(algo="magnitude", latency_runtime="ort").validate()
     with pytest.raises(ConfigError, match="channels_last applies to the torch latency runtime only"):
         pipeline.RunSpec(algo="magnitude", latency_runtime="onnxruntime", channels_last=True).validate()
-
-
-def test_the_pipeline_and_the_cli_pass_the_runtime_on(monkeypatch):
-    from mslim.cli.demo import demo_spec
-    from mslim.cli.main import build_parser
-    from mslim.cli.summary import format_comparison
-    from mslim_core.report import PruneReport
-
-    seen: list[str] = []
-    real = mslim.latency.measure_latency
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs["runtime"])
-        return real(*args, **{**kwargs, "min_runs": 1, "min_seconds": 0.0, "warmup": 0})
-
-    monkeypatch.setattr(mslim.latency, "measure_latency", spy)
-    spec = pipeline.RunSpec(algo="magnitude", latency_runtime="onnxruntime", latency_batches=(1, 2), threads=1)
-    times = pipeline._latency(create("resnet20", in_channels=1), torch.randn(2, 1, 8, 8), spec)
-    assert seen == ["onnxruntime"] and set(times) == {1, 2} and all(t > 0 for t in times.values())
-
-    parser = build_parser()
-    assert parser.parse_args(["train", "--algo", "magnitude", "--latency-runtime", "onnxruntime"]) \
-        .latency_runtime == "onnxruntime"
-    assert parser.parse_args(["demo"]).latency_runtime == "torch"
-    assert demo_spec(latency_runtime="onnxruntime").latency_runtime == "onnxruntime"
-    with pytest.raises(SystemExit):
-        parser.parse_args(["demo", "--latency-runtime", "tvm"])
-
-    figures = pipeline.ModelFigures(accuracy=0.9, loss=0.3, macs=200, params=50, latency_ms={1: 2.0})
-    smaller = pipeline.ModelFigures(accuracy=0.9, loss=0.3, macs=100, params=30, latency_ms={1: 1.0})
-    report = PruneReport(algorithm="magnitude", macs_before=200, macs_after=100, params_before=50, params_after=30)
-    result = pipeline.RunResult(spec=spec, out_dir=Path("."), base=figures, pruned=smaller, report=report,
-                                trains=False)
-    assert "1 threads, in ONNX Runtime, BatchNorm folded" in format_comparison(result)
