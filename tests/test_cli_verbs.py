@@ -234,3 +234,22 @@ def test_an_unknown_latency_runtime_is_refused_by_the_cli():
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--latency-runtime", "tvm"])
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_a_slower_pruned_model_is_called_slower(runtime):
+    from mslim import pipeline
+    from mslim.cli.summary import format_comparison
+    from mslim_core.report import PruneReport
+
+    base = pipeline.ModelFigures(accuracy=0.9, loss=0.3, macs=200, params=50, latency_ms={1: 1.0, 64: 8.0})
+    small = pipeline.ModelFigures(accuracy=0.9, loss=0.3, macs=100, params=30, latency_ms={1: 1.25, 64: 4.0})
+    report = PruneReport(algorithm="resrep", macs_before=200, macs_after=100, params_before=50, params_after=30)
+    result = pipeline.RunResult(spec=pipeline.RunSpec(algo="resrep", latency_runtime=runtime), out_dir=Path("."),
+                                base=base, pruned=small, report=report, trains=True)
+    text = format_comparison(result)
+    assert "1.25x slower" in text and "2.00x faster" in text
+    hint = "take a slower path for channel counts that are not multiples of 16: prune with round_to=16"
+    assert (hint in text) == (runtime == "onnxruntime")
+    small.latency_ms = {1: 0.5, 64: 4.0}
+    assert hint not in format_comparison(result)

@@ -31,7 +31,8 @@ def format_comparison(result: RunResult) -> str:
         after = small.latency_ms.get(batch)
         if after is None:
             continue
-        rows.append((f"latency, batch {batch}", f"{ms:.2f} ms", f"{after:.2f} ms", f"{ms / after:.2f}x faster"))
+        change = f"{ms / after:.2f}x faster" if after <= ms else f"{after / ms:.2f}x slower"
+        rows.append((f"latency, batch {batch}", f"{ms:.2f} ms", f"{after:.2f} ms", change))
     table = format_table(["", "base", "pruned", "change"], rows, align="lrrl")
     notes = []
     if result.accuracy_before_finalize is not None:
@@ -46,4 +47,8 @@ def format_comparison(result: RunResult) -> str:
         fmt += ", in ONNX Runtime" if result.spec.latency_runtime == "onnxruntime" else ""
         notes.append(f"latency: median CPU forward time, {result.spec.threads} threads{fmt}, BatchNorm folded in both "
                      f"models; ideal speed-up from MACs: {base.macs / small.macs:.2f}x")
+        slower = any(small.latency_ms.get(b, 0.0) > ms for b, ms in base.latency_ms.items())
+        if slower and result.spec.latency_runtime == "onnxruntime":
+            notes.append("ONNX Runtime's CPU kernels take a slower path for channel counts that are not multiples of "
+                         "16: prune with round_to=16 (mslim train --option round_to=16); see docs/deployment.md")
     return "\n".join([table, *notes])
