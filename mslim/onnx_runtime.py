@@ -7,6 +7,7 @@ session with a fixed number of intra-op threads.
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -58,7 +59,8 @@ class OnnxRuntimeModel:
 def onnxruntime_model(model: nn.Module, example_input: torch.Tensor, threads: int = 2) -> OnnxRuntimeModel:
     """Export ``model`` (eval mode, batch dimension dynamic) and load it into an ONNX Runtime CPU session.
 
-    ``threads`` is the session's intra-op thread count (inter-op execution is sequential).
+    ``threads`` is the session's intra-op thread count (inter-op execution is sequential). A model
+    on another device is exported from a CPU copy.
     """
     ort = require_onnxruntime()
     from mslim.export import export_onnx
@@ -69,6 +71,8 @@ def onnxruntime_model(model: nn.Module, example_input: torch.Tensor, threads: in
         raise MslimError(
             f"onnxruntime_model needs one example input tensor, got {type(example_input).__name__}"
         )
+    if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
+        model = copy.deepcopy(model).cpu()  # the session runs on the CPU; the caller's model stays where it is
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
