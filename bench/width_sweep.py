@@ -24,7 +24,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from latency import parse_shape, timed_pair, write_rows  # noqa: E402
+from latency import parse_zoo, timed_pair, write_rows  # noqa: E402
 
 from mslim.models import create  # noqa: E402
 from mslim_core.cost import CostModel, count_cost  # noqa: E402
@@ -80,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "width-sweep.json"))
     args = p.parse_args(argv)
-    name, _, shape_text = args.zoo.partition("@")
-    shape = parse_shape(shape_text or "3x32x32")
+    entries = parse_zoo(args.zoo, (3, 32, 32))
+    if len(entries) != 1:
+        raise SystemExit(f"--zoo takes one NAME@CxHxW entry, got {args.zoo!r}")
+    ((name, shape),) = entries
     torch.manual_seed(args.seed)
     base = create(name, in_channels=shape[0]).eval()
     example = torch.randn(1, *shape)

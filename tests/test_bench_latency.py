@@ -104,3 +104,9 @@ def test_width_sweep_samples_allocations_at_the_target_and_times_them(tmp_path):
     assert all(1.85 < r["ideal"] < 2.2 for r in data["rows"])
     with pytest.raises(SystemExit, match="no allocation of resnet20 in multiples of 64"):
         sweep.main(["--zoo", "resnet20@1x8x8", "--round-to", "64", "--tolerance", "0.001", "--out", str(out)])
+
+
+def test_width_sweep_takes_one_model():
+    sweep = load_bench("width_sweep")
+    with pytest.raises(SystemExit, match="--zoo takes one NAME@CxHxW entry, got 'resnet20,resnet56'"):
+        sweep.main(["--zoo", "resnet20,resnet56"])

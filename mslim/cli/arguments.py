@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 from mslim_core.errors import ConfigError
 
 __all__ = [
+    "add_latency_arguments",
     "fraction",
     "nonnegative_int",
     "parse_options",
@@ -83,3 +84,15 @@ def timestamped_folder(prefix: str, parent: str | Path = ".") -> Path:
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
     return candidate
+
+
+def add_latency_arguments(p: argparse.ArgumentParser) -> None:
+    """``--no-latency``, ``--channels-last`` and ``--latency-runtime``: how a run times its models."""
+    from mslim.latency import RUNTIMES
+
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--channels-last", action="store_true",
+                   help="time latency in channels-last memory format (often faster on CPUs; see docs/deployment.md)")
+    p.add_argument("--latency-runtime", choices=RUNTIMES, default="torch",
+                   help="time latency in eager torch or, exported, in ONNX Runtime (needs mslim[deploy]; "
+                   "see docs/deployment.md)")

@@ -9,9 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mslim.cli.arguments import nonnegative_int, positive_int, timestamped_folder
+from mslim.cli.arguments import add_latency_arguments, nonnegative_int, positive_int, timestamped_folder
 from mslim.cli.summary import format_comparison
-from mslim.latency import RUNTIMES
 from mslim.pipeline import RunSpec, run
 
 DEMO_BASE_EPOCHS = 30
@@ -48,12 +47,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, data split and order")
     p.add_argument("--image-size", type=positive_int, default=DEMO_IMAGE_SIZE, choices=(8, 16, 32),
                    help=f"digits are upscaled from 8x8 to this side (default {DEMO_IMAGE_SIZE})")
-    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    p.add_argument("--channels-last", action="store_true",
-                   help="time latency in channels-last memory format (often faster on CPUs; see docs/deployment.md)")
-    p.add_argument("--latency-runtime", choices=RUNTIMES, default="torch",
-                   help="time latency in eager torch or, exported, in ONNX Runtime (needs mslim[deploy]; "
-                   "see docs/deployment.md)")
+    add_latency_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run_demo)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mslim import distributed
 from mslim.cli.arguments import (
+    add_latency_arguments,
     fraction,
     nonnegative_int,
     parse_options,
@@ -15,7 +16,6 @@ from mslim.cli.arguments import (
     timestamped_folder,
 )
 from mslim.cli.summary import format_comparison
-from mslim.latency import RUNTIMES
 from mslim.pipeline import RunSpec, run
 from mslim_core.errors import ConfigError
 
@@ -58,12 +58,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, data order and splits")
     p.add_argument("--device", default=None, help="training device, e.g. cpu, cuda, cuda:1 (default: CUDA if available)")
     p.add_argument("--threads", type=positive_int, default=2, help="CPU threads for the latency measurement")
-    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    p.add_argument("--channels-last", action="store_true",
-                   help="time latency in channels-last memory format (often faster on CPUs; see docs/deployment.md)")
-    p.add_argument("--latency-runtime", choices=RUNTIMES, default="torch",
-                   help="time latency in eager torch or, exported, in ONNX Runtime (needs mslim[deploy]; "
-                   "see docs/deployment.md)")
+    add_latency_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", default=None, help="output folder (default: a new mslim-train-... folder here)")
     p.add_argument("--resume", action="store_true", help="continue the run stopped in --out")
