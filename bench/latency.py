@@ -14,7 +14,7 @@ ImageNet shape); each is pruned by ``magnitude`` to ``--flops-target`` once per 
 and per ``--units`` choice: ``all`` prunes every independent unit including the residual-coupled stage
 widths, ``internal`` only the block-internal units (the unit set ResRep prunes). Latency depends on the
 shapes only, so no training is needed. With ``--models DIR`` every ``*.mslim`` file there is timed
-against ``base.mslim`` of the same folder.
+against ``base.mslim`` of the same folder, at the input shape they were trained at or ``--models-input``.
 """
 
 from __future__ import annotations
@@ -74,12 +74,22 @@ def _zoo_original(path: Path) -> tuple[nn.Module, tuple[int, ...]]:
     return model, tuple(zoo["input_shape"])
 
 
-def pairs_from_folder(folder: Path) -> list[tuple[str, nn.Module, nn.Module, tuple[int, ...]]]:
-    """(label, base, pruned, input shape) for every pruned model saved beside ``base.mslim``."""
+def pairs_from_folder(folder: Path, shape: tuple[int, ...] | None = None
+                      ) -> list[tuple[str, nn.Module, nn.Module, tuple[int, ...]]]:
+    """(label, base, pruned, input shape) for every pruned model saved beside ``base.mslim``.
+
+    ``shape`` times them at another input size than the one they were trained at (convolutional
+    models with global pooling take any size; the channel counts are what pruning changed).
+    """
     base_file = folder / "base.mslim"
     if not base_file.exists():
         raise SystemExit(f"{folder} has no base.mslim (run bench/accuracy.py --save-models {folder})")
-    original, shape = _zoo_original(base_file)
+    original, trained_shape = _zoo_original(base_file)
+    if shape is None:
+        shape = trained_shape
+    elif shape[0] != trained_shape[0]:
+        raise SystemExit(f"--models-input {'x'.join(map(str, shape))} has {shape[0]} channels, but the models in "
+                         f"{folder} take {trained_shape[0]}")
     base = mslim.load(base_file, model=original)
     out = []
     for path in sorted(folder.glob("*.mslim")):
@@ -138,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zoo", default="resnet56@3x32x32,resnet20@3x32x32,resnet50@3x224x224",
                    help="NAME@CxHxW entries to prune one-shot, comma-separated ('' for none)")
     p.add_argument("--input", default="3x32x32", help="input shape for --zoo entries without @CxHxW")
+    p.add_argument("--models-input", default=None,
+                   help="input shape CxHxW for --models pairs (default: the shape they were trained at)")
     p.add_argument("--flops-target", type=float, default=0.471)
     p.add_argument("--round-to", type=int, nargs="+", default=[1, 8, 16], help="channel multiples for --zoo pruning")
     p.add_argument("--units", choices=("all", "internal", "both"), default="both",
@@ -160,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = [("torch", fmt) for fmt in formats if "torch" in runtimes]
     variants += [("onnxruntime", None)] if "onnxruntime" in runtimes else []
     for folder in args.models:
-        pairs += pairs_from_folder(Path(folder))
+        pairs += pairs_from_folder(Path(folder), parse_shape(args.models_input) if args.models_input else None)
     rows: list[dict[str, Any]] = []
     lines = ["| model | input | runtime | batch | base (ms) | pruned (ms) | speed-up | ideal (MACs) | of ideal |",
              "|---|---|---|---|---|---|---|---|---|"]

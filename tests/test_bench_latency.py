@@ -110,3 +110,28 @@ def test_width_sweep_takes_one_model():
     sweep = load_bench("width_sweep")
     with pytest.raises(SystemExit, match="--zoo takes one NAME@CxHxW entry, got 'resnet20,resnet56'"):
         sweep.main(["--zoo", "resnet20,resnet56"])
+
+
+def _saved_pair(folder):
+    import mslim
+
+    base = create("resnet20", in_channels=1).eval()
+    x = torch.randn(2, 1, 8, 8)
+    small, report = mslim.prune(create("resnet20", in_channels=1).eval(), algo="magnitude", example_inputs=x,
+                                flops_target=0.6)
+    report = report.model_copy(update={"extra": {"zoo_model": {"model": "resnet20", "num_classes": 10,
+                                                               "in_channels": 1, "input_shape": [1, 8, 8]}}})
+    folder.mkdir()
+    mslim.save(small, folder / "magnitude.mslim", report=report, example_inputs=x)
+    mslim.save(base, folder / "base.mslim", report=report, example_inputs=x)
+
+
+def test_saved_models_are_timed_at_their_own_or_a_given_input_size(tmp_path):
+    bench = load_bench("latency")
+    _saved_pair(tmp_path / "models")
+    ((label, base, small, shape),) = bench.pairs_from_folder(tmp_path / "models")
+    assert label == "magnitude (models)" and shape == (1, 8, 8)
+    ((_, _, small, shape),) = bench.pairs_from_folder(tmp_path / "models", (1, 24, 24))
+    assert shape == (1, 24, 24) and small(torch.randn(2, 1, 24, 24)).shape == (2, 10)
+    with pytest.raises(SystemExit, match="--models-input 3x24x24 has 3 channels, but the models in .* take 1"):
+        bench.pairs_from_folder(tmp_path / "models", (3, 24, 24))
