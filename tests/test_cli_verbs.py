@@ -249,7 +249,10 @@ def test_a_slower_pruned_model_is_called_slower(runtime):
                                 base=base, pruned=small, report=report, trains=True)
     text = format_comparison(result)
     assert "1.25x slower" in text and "2.00x faster" in text
-    hint = "take a slower path for channel counts that are not multiples of 16: prune with round_to=16"
+    from mslim.latency import channel_block
+
+    block = channel_block()
+    hint = f"not multiples of {block} on this CPU: prune with round_to={block}"
     assert (hint in text) == (runtime == "onnxruntime")
     small.latency_ms = {1: 0.5, 64: 4.0}
     assert hint not in format_comparison(result)

@@ -100,3 +100,14 @@ def test_run_spec_checks_the_latency_runtime():
         pipeline.RunSpec(algo="magnitude", latency_runtime="ort").validate()
     with pytest.raises(ConfigError, match="channels_last applies to the torch latency runtime only"):
         pipeline.RunSpec(algo="magnitude", latency_runtime="onnxruntime", channels_last=True).validate()
+
+
+def test_the_channel_block_follows_the_cpu_capability(monkeypatch):
+    from mslim.latency import channel_block
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert channel_block() == 16
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert channel_block() == 8
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
+    assert channel_block() == 8

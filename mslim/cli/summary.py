@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mslim.cli.table import format_table
+from mslim.latency import channel_block
 from mslim.pipeline import RunResult
 
 __all__ = ["format_comparison", "human"]
@@ -49,6 +50,8 @@ def format_comparison(result: RunResult) -> str:
                      f"models; ideal speed-up from MACs: {base.macs / small.macs:.2f}x")
         slower = any(small.latency_ms.get(b, 0.0) > ms for b, ms in base.latency_ms.items())
         if slower and result.spec.latency_runtime == "onnxruntime":
-            notes.append("ONNX Runtime's CPU kernels take a slower path for channel counts that are not multiples of "
-                         "16: prune with round_to=16 (mslim train --option round_to=16); see docs/deployment.md")
+            block = channel_block()
+            notes.append(f"ONNX Runtime's CPU kernels take a slower path for channel counts that are not multiples of "
+                         f"{block} on this CPU: prune with round_to={block} (mslim train --option round_to={block}); "
+                         "see docs/deployment.md")
     return "\n".join([table, *notes])
