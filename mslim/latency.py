@@ -107,9 +107,8 @@ def measure_latency(
     if runtime == "onnxruntime":
         if channels_last:
             raise MslimError("channels_last applies to the torch runtime only: ONNX Runtime picks its own layout")
-        if not isinstance(model, OnnxRuntimeModel):
-            model = onnxruntime_model(model, torch.randn(1, *input_shape), threads=threads)
-        session = model
+        session = model if isinstance(model, OnnxRuntimeModel) else onnxruntime_model(
+            model, torch.randn(1, *input_shape), threads=threads)
         return {
             batch: _timed(lambda x=torch.randn(batch, *input_shape).numpy(): session.run(x),
                           batch, threads, min_runs, min_seconds, warmup)
